@@ -1,0 +1,1 @@
+"""loadfsm: layer-by-layer weight loading where every layer is a state machine."""

@@ -1,0 +1,69 @@
+"""Typed load errors. Each names the tensor, the file and the layer it is about."""
+
+from __future__ import annotations
+
+
+class LoadError(Exception):
+    """Base of every error loadfsm raises about weights, files or layers.
+
+    Attributes ``tensor``, ``file`` and ``layer`` carry the names the message
+    mentions, so callers can react without parsing text.
+    """
+
+    def __init__(self, message: str, *, tensor: str | None = None,
+                 file: str | None = None, layer: str | None = None):
+        where = [f"{key}={value!r}" for key, value in
+                 (("tensor", tensor), ("file", file), ("layer", layer)) if value]
+        super().__init__(f"{message} [{', '.join(where)}]" if where else message)
+        self.tensor, self.file, self.layer = tensor, file, layer
+
+
+class IllegalTransitionError(LoadError):
+    """A trigger was fired in a state that does not allow it."""
+
+
+class CorruptCheckpointError(LoadError):
+    """A checkpoint file cannot be parsed, is truncated, or its index lies."""
+
+
+class UnexpectedWeightError(LoadError):
+    """The checkpoint (or a push) carries tensors no layer expects."""
+
+    def __init__(self, message: str, *, names: list[str] | None = None, **where):
+        super().__init__(message, **where)
+        self.names = sorted(names or [])
+
+
+class DuplicateWeightError(LoadError):
+    """The same piece arrived twice, or two files carry the same tensor."""
+
+
+class ShapeMismatchError(LoadError):
+    """A tensor's shape does not fit the region of the parameter it feeds."""
+
+
+class DtypeMismatchError(LoadError):
+    """A tensor's dtype cannot be cast to the parameter's dtype."""
+
+
+class NonFiniteWeightError(LoadError):
+    """A weight holds NaN or Inf."""
+
+
+class IncompleteLoadError(LoadError):
+    """Layers expected pieces that never arrived.
+
+    ``missing`` maps each such layer to its missing checkpoint names.
+    """
+
+    def __init__(self, message: str, *, missing: dict[str, list[str]], **where):
+        super().__init__(message, **where)
+        self.missing = missing
+
+
+class PushError(LoadError):
+    """A weight push failed; ``committed`` lists the layers that took new weights."""
+
+    def __init__(self, message: str, *, committed: list[str], **where):
+        super().__init__(message, **where)
+        self.committed = committed
