@@ -1,1 +1,18 @@
 """loadfsm: layer-by-layer weight loading where every layer is a state machine."""
+
+from .api import load
+from .errors import (CorruptCheckpointError, DtypeMismatchError, DuplicateWeightError,
+                     IllegalTransitionError, IncompleteLoadError, LoadError,
+                     NonFiniteWeightError, PushError, ShapeMismatchError,
+                     UnexpectedWeightError)
+from .quant.config import Fp8Config
+from .report import LoadReport
+from .session import LoadSession
+from .states import LayerState
+
+__all__ = [
+    "load", "LoadSession", "LoadReport", "LayerState", "Fp8Config",
+    "LoadError", "IllegalTransitionError", "CorruptCheckpointError", "UnexpectedWeightError",
+    "DuplicateWeightError", "ShapeMismatchError", "DtypeMismatchError",
+    "NonFiniteWeightError", "IncompleteLoadError", "PushError",
+]

@@ -1,0 +1,23 @@
+"""Reference models: Llama-style decoders with the layer kinds real engines have.
+
+Fused q/k/v and gate/up projections, stacked MoE experts, padded vocabularies, tied
+embeddings and an attention layer with optional kv-cache scales, plus seeded bf16
+checkpoints in Hugging Face naming to load into them.
+"""
+
+from .attention import DEFAULT_KV_SCALE, Attention, RotaryEmbedding
+from .checkpoint import (ORDERS, TensorSpec, checkpoint_layout, load_reference_model,
+                         reference_state_dict, write_checkpoint)
+from .config import CONFIGS, ModelConfig, as_config
+from .layers import RMSNorm, StackedExperts
+from .llama import DecoderLayer, LlamaAttention, LlamaForCausalLM, LlamaMLP, LlamaModel
+from .moe import MoEForCausalLM, SparseMoeBlock
+from .registry import MODEL_NAMES, build_model, model_class
+
+__all__ = [
+    "Attention", "CONFIGS", "DEFAULT_KV_SCALE", "DecoderLayer", "LlamaAttention",
+    "LlamaForCausalLM", "LlamaMLP", "LlamaModel", "MODEL_NAMES", "MoEForCausalLM",
+    "ModelConfig", "ORDERS", "RMSNorm", "RotaryEmbedding", "SparseMoeBlock",
+    "StackedExperts", "TensorSpec", "as_config", "build_model", "checkpoint_layout",
+    "load_reference_model", "model_class", "reference_state_dict", "write_checkpoint",
+]

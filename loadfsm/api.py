@@ -1,0 +1,102 @@
+"""``loadfsm.load``: a model built on ``meta`` + a source -> a loaded model and a report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .plan import TensorEntry, expected_shape
+from .report import LoadReport
+from .session import LoadSession
+from .sources.base import IteratorSource
+from .sources.dummy import DummySource
+from .sources.safetensors_dir import SafetensorsSource
+
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+
+def load(model: nn.Module, source: str | Path | Iterable | None, *, quant=None,
+         device=None, load_format: str = "auto", seed: int = 0, trace=None,
+         strict: bool = True, max_in_flight: int = 2, progress: bool = False) -> LoadReport:
+    """Load weights into ``model`` layer by layer, quantizing each as it completes.
+
+    Args:
+        model: built under ``torch.device("meta")``; loaded in place (FP8 layers are
+            swapped for their FP8 modules).
+        source: a safetensors file or directory (index optional), an iterable of
+            ``(name, tensor)``, or ``None`` with ``load_format="dummy"``.
+        quant: ``None``, ``"fp8"`` (per-tensor), ``"fp8-channel"``, ``"fp8-block"``,
+            or an ``Fp8Config``.
+        device: target device, the best available when ``None``.
+        load_format: ``"auto"``, ``"safetensors"`` or ``"dummy"`` (seeded random weights).
+        seed: seed of the dummy format.
+        trace: ``True`` (structlog events), a JSONL path, or ``None``.
+        strict: raise on missing/unexpected tensors; else report them. Layers left
+            incomplete stay PARTIAL with their parameters on ``meta``.
+        max_in_flight: warn once when more layers than this are partially loaded.
+        progress: show a progress bar (tqdm) over layers.
+
+    Returns:
+        A ``LoadReport``.
+
+    Raises:
+        LoadError: a subclass naming the tensor, file and layer at fault.
+    """
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
+    bar = _progress_bar(progress)
+    session = LoadSession(model, quant=quant, device=device, trace=trace, strict=strict,
+                          max_in_flight=max_in_flight,
+                          on_layer_done=(lambda rec: bar.update()) if bar else None)
+    if bar is not None:
+        bar.reset(total=len(session.plan.layers))
+    src = _open_source(session, source, load_format, seed)
+    try:
+        return run(session, src)
+    finally:
+        src.close()
+        if bar is not None:
+            bar.close()
+
+
+def run(session: LoadSession, source) -> LoadReport:
+    """Drive a session from a source to its report."""
+    session.file_of = source.file_of
+    entries = source.entries()
+    order = session.match(entries, source.index()) if entries is not None else None
+    for name, tensor in source.read(order):
+        session.arrive(name, tensor)
+    return session.finish()
+
+
+def _open_source(session: LoadSession, source, load_format: str, seed: int):
+    if load_format == "dummy" or (load_format == "auto" and source is None):
+        if source is not None:
+            raise ValueError("load_format='dummy' takes no source")
+        return DummySource(planned_entries(session), device=session.device, seed=seed)
+    if isinstance(source, (str, Path)):
+        return SafetensorsSource(source)
+    if source is None:
+        raise ValueError("source is None; pass a checkpoint path or load_format='dummy'")
+    return IteratorSource(source)
+
+
+def planned_entries(session: LoadSession) -> dict[str, TensorEntry]:
+    """Every required piece as a header entry: what a perfect checkpoint would hold."""
+    entries = {}
+    for rec in session.plan.layers.values():
+        for name, piece in rec.pieces.items():
+            if not piece.optional:
+                slot = rec.slots[rec.slot_attr(piece.param)]
+                entries[name] = TensorEntry(name, expected_shape(rec, piece), slot.dtype)
+    return entries
+
+
+def _progress_bar(enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=0, unit="layer", desc="loading", leave=False)

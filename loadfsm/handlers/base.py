@@ -1,0 +1,98 @@
+"""Handlers: pluggable behaviour on layer transitions, registered by name.
+
+A handler claims layers and is called by the session on their transitions:
+``materialize`` (META -> PARTIAL), ``defaults`` (optional pieces absent),
+``check`` and ``quantize`` (COMPLETE -> QUANTIZED), ``install`` or ``commit``
+(QUANTIZED -> FINALIZED; ``commit`` copies into the live tensors on reload).
+Handlers never read files and never keep per-layer state of their own: what a
+layer needs lives on its ``LayerRecord``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import NonFiniteWeightError
+
+if TYPE_CHECKING:
+    from ..layer import LayerRecord
+    from ..session import LoadSession
+
+HANDLERS: dict[str, type["Handler"]] = {}
+
+
+def register_handler(name: str) -> Callable[[type["Handler"]], type["Handler"]]:
+    """Class decorator that registers a ``Handler`` subclass under ``name``."""
+
+    def wrap(cls: type["Handler"]) -> type["Handler"]:
+        if not (isinstance(cls, type) and issubclass(cls, Handler)):
+            raise TypeError(f"{cls!r} is not a Handler subclass")
+        if name in HANDLERS:
+            raise ValueError(f"handler {name!r} is already registered")
+        cls.name = name
+        HANDLERS[name] = cls
+        return cls
+
+    return wrap
+
+
+class Handler:
+    """Default behaviour: load tensors as they are (no quantization)."""
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self, session: "LoadSession"):
+        self.session = session
+
+    def claims(self, layer_name: str, module: nn.Module) -> bool:
+        return False
+
+    def materialize(self, rec: "LayerRecord") -> dict[str, torch.Tensor]:
+        """Staging tensors on the target device. Padding is zero-filled, never garbage."""
+        device = self.session.device
+        return {attr: (torch.zeros if slot.padded else torch.empty)(
+                    slot.shape, dtype=slot.dtype, device=device)
+                for attr, slot in rec.slots.items()}
+
+    def defaults(self, rec: "LayerRecord", pieces: list) -> None:
+        """Fill optional pieces the checkpoint did not carry."""
+        raise NotImplementedError(f"handler {self.name!r} has no defaults for {rec.name}")
+
+    def check(self, rec: "LayerRecord") -> None:
+        """Refuse NaN or Inf before anything derived from the weights is kept."""
+        for attr, tensor in rec.staging.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise_non_finite(rec, attr)
+
+    def quantize(self, rec: "LayerRecord") -> dict[str, torch.Tensor]:
+        """Results kept after staging is freed; here the staging tensors themselves."""
+        return dict(rec.staging)
+
+    def install(self, rec: "LayerRecord") -> None:
+        """First load: put the results into the model."""
+        for attr, tensor in rec.results.items():
+            self.session.place(rec, attr, tensor)
+
+    def live_tensors(self, rec: "LayerRecord") -> dict[str, torch.Tensor]:
+        """The tensors the forward pass (and captured CUDA graphs) read."""
+        return {attr: getattr(rec.module, attr) for attr in rec.slots}
+
+    def commit(self, rec: "LayerRecord") -> None:
+        """Reload: copy the new results into the live tensors, keeping their storage."""
+        live = self.live_tensors(rec)
+        for attr, tensor in rec.results.items():
+            live[attr].data.copy_(tensor)
+
+
+def raise_non_finite(rec: "LayerRecord", attr: str) -> None:
+    """Name the checkpoint tensor holding NaN/Inf in ``rec.staging[attr]``."""
+    staging = rec.staging[attr]
+    slot = rec.slots[attr]
+    for name, piece in rec.pieces.items():
+        if piece.param == slot.full_name and not bool(torch.isfinite(staging[piece.region]).all()):
+            raise NonFiniteWeightError("weight holds NaN or Inf", tensor=name,
+                                       file=rec.notes.get("files", {}).get(name), layer=rec.name)
+    raise NonFiniteWeightError("weight holds NaN or Inf", tensor=slot.full_name, layer=rec.name)

@@ -1,0 +1,84 @@
+"""Online FP8: quantize each linear (and stacked experts) the moment it completes.
+
+Steps (cited in comments as Q1..Q3):
+  Q1 the layer's bf16 staging is complete; amax per tensor/row/block gives the
+     scales, and a non-finite scale means NaN/Inf in the weight: refuse it;
+  Q2 quantize to float8_e4m3fn; the session frees the staging right after;
+  Q3 install: swap the module for its FP8 form (first load), or copy into the
+     live FP8 tensors in place (reload), so captured CUDA graphs stay valid.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models.layers import StackedExperts
+from ..quant.config import Fp8Config
+from ..quant.fp8 import quantize_fp8
+from ..quant.linear import Fp8Linear, Fp8StackedExperts
+from .base import Handler, raise_non_finite, register_handler
+
+_NAMES = {"tensor": "fp8", "channel": "fp8-channel", "block": "fp8-block"}
+
+
+def quant_name(config: Fp8Config | None) -> str | None:
+    return None if config is None else _NAMES[config.granularity]
+
+
+# Weight attributes to quantize, per module kind; everything else passes through.
+_QUANTIZED = {nn.Linear: ("weight",), StackedExperts: ("gate_up_proj", "down_proj")}
+
+
+def _kind(module: nn.Module):
+    return next((kind for kind in _QUANTIZED if type(module) is kind), None)
+
+
+@register_handler("fp8")
+class Fp8Handler(Handler):
+    """Claims ``nn.Linear`` and ``StackedExperts`` layers not excluded by the config."""
+
+    def claims(self, layer_name, module) -> bool:
+        config = self.session.quant
+        return _kind(module) is not None and not config.excludes(layer_name)
+
+    def check(self, rec) -> None:
+        # Q1: non-quantized tensors (bias) are checked here; weights by their scales.
+        weights = _QUANTIZED[_kind_of(rec)]
+        for attr, tensor in rec.staging.items():
+            if attr not in weights and not bool(torch.isfinite(tensor).all()):
+                raise_non_finite(rec, attr)
+
+    def quantize(self, rec) -> dict[str, torch.Tensor]:
+        config = self.session.quant
+        results = {}
+        for attr, tensor in rec.staging.items():
+            if attr in _QUANTIZED[_kind_of(rec)]:
+                q, scale = quantize_fp8(tensor, config)                   # Q1, Q2
+                if not bool(torch.isfinite(scale).all()):
+                    raise_non_finite(rec, attr)
+                results[attr], results[f"{attr}_scale"] = q, scale
+            else:
+                results[attr] = tensor
+        return results
+
+    def install(self, rec) -> None:                                       # Q3
+        config, res = self.session.quant, rec.results
+        if _kind_of(rec) is nn.Linear:
+            dtype = rec.slots["weight"].dtype
+            new = Fp8Linear.from_quantized(res["weight"], res["weight_scale"], res.get("bias"),
+                                           config, out_dtype=dtype)
+        else:
+            dtype = rec.slots["gate_up_proj"].dtype
+            new = Fp8StackedExperts.from_quantized(
+                res["gate_up_proj"], res["gate_up_proj_scale"], res["down_proj"],
+                res["down_proj_scale"], config, out_dtype=dtype)
+        rec.notes["kind"] = _kind_of(rec)
+        self.session.replace_module(rec, new)
+
+    def live_tensors(self, rec) -> dict[str, torch.Tensor]:
+        return dict(rec.module.named_parameters(recurse=False))
+
+
+def _kind_of(rec):
+    return rec.notes.get("kind") or _kind(rec.module)

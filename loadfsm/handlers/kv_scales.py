@@ -1,0 +1,27 @@
+"""Attention layers: fed by no checkpoint weight except optional kv-cache scales.
+
+FP8-KV checkpoints carry ``k_scale`` / ``v_scale`` (and sometimes ``q_scale``);
+bf16 checkpoints do not. Either way the layer must end FINALIZED: scales that
+arrive are used, absent ones take the documented default of 1.0.
+"""
+
+from __future__ import annotations
+
+from .base import Handler, register_handler
+
+SCALE_NAMES = ("k_scale", "v_scale", "q_scale")
+DEFAULT_SCALE = 1.0
+
+
+@register_handler("kv_scales")
+class KvScalesHandler(Handler):
+    """Claims modules whose loadable tensors are all kv-cache scales."""
+
+    def claims(self, layer_name, module) -> bool:
+        own = [name for name, _ in module.named_parameters(recurse=False)]
+        return bool(own) and all(name in SCALE_NAMES for name in own)
+
+    def defaults(self, rec, pieces) -> None:
+        for piece in pieces:
+            attr = rec.slot_attr(piece.param)
+            rec.staging[attr][piece.region].fill_(DEFAULT_SCALE)

@@ -1,0 +1,97 @@
+"""The per-layer record and the one machine that moves every record.
+
+``transitions``' ``Machine.add_model`` scans its model list, so adding 100k
+layers is quadratic. We build one class-level machine with no models and fire
+its events on plain records directly: planning is O(layers), a trigger O(1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transitions import Machine, MachineError
+
+from .errors import IllegalTransitionError
+from .pieces import Piece
+from .states import TRANSITIONS, LayerState
+
+if TYPE_CHECKING:
+    from .handlers.base import Handler
+
+LAYER_MACHINE = Machine(model=None, states=LayerState, transitions=TRANSITIONS,
+                        initial=LayerState.META, auto_transitions=False)
+
+
+@dataclass(eq=False)
+class TensorSlot:
+    """One parameter or persistent buffer a layer loads, as planned on ``meta``."""
+
+    attr: str                      # name on the owning module (``weight``)
+    full_name: str                 # name in the model (``model.norm.weight``)
+    shape: torch.Size
+    dtype: torch.dtype
+    is_buffer: bool
+    covered: int = 0               # elements the planned pieces fill; < numel means padding
+    aliases: list[str] = field(default_factory=list)  # tied names sharing this tensor
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    @property
+    def padded(self) -> bool:
+        return self.covered < self.numel
+
+
+@dataclass(eq=False)
+class LayerRecord:
+    """Everything the session knows about one layer. A plain object, never the module.
+
+    The record is the machine's model: ``state`` is set by the layer machine only.
+    """
+
+    name: str
+    module: nn.Module
+    handler: "Handler"
+    slots: dict[str, TensorSlot]
+    pieces: dict[str, Piece] = field(default_factory=dict)        # ckpt name -> piece
+    missing: set[str] = field(default_factory=set)                 # ckpt names still due
+    arrived: int = 0
+    state: LayerState = LayerState.META
+    staging: dict[str, torch.Tensor] = field(default_factory=dict)  # attr -> full precision
+    results: dict[str, torch.Tensor] = field(default_factory=dict)  # handler output
+    staging_bytes: int = 0
+    final_bytes: int = 0
+    reloading: bool = False
+    defaulted: list[str] = field(default_factory=list)
+    t_first: float | None = None
+    t_done: float | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+    attr_of: dict[str, str] = field(default_factory=dict)            # full name -> attr
+
+    def __post_init__(self) -> None:
+        self.attr_of = {slot.full_name: attr for attr, slot in self.slots.items()}
+
+    def slot_attr(self, full_name: str) -> str:
+        return self.attr_of[full_name]
+
+    def fire(self, trigger: str) -> tuple[LayerState, LayerState]:
+        """Move the record by ``trigger``; returns (src, dst). Illegal moves raise."""
+        src = self.state
+        event = LAYER_MACHINE.events.get(trigger)
+        if event is None:
+            raise IllegalTransitionError(f"unknown trigger {trigger!r}", layer=self.name)
+        try:
+            event.trigger(self)
+        except MachineError as exc:
+            raise IllegalTransitionError(
+                f"trigger {trigger!r} is not allowed in state {src.name}", layer=self.name
+            ) from exc
+        return src, self.state
+
+    def required_missing(self) -> list[str]:
+        """Checkpoint names still due that have no default, sorted."""
+        return sorted(n for n in self.missing if not self.pieces[n].optional)

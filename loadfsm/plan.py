@@ -1,0 +1,130 @@
+"""Planning: every layer and the exact pieces it expects, before any data is read.
+
+The plan comes from the model alone (parameters on ``meta``, tied aliases, the
+model's ``checkpoint_pieces``); ``match_entries`` then checks it against the
+checkpoint's headers (names, shapes, dtypes) without reading tensor data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import DtypeMismatchError, ShapeMismatchError
+from .handlers.base import Handler
+from .layer import LayerRecord, TensorSlot
+from .pieces import Piece
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """What a checkpoint header says about one tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: str | None = None
+
+
+@dataclass
+class Plan:
+    layers: dict[str, LayerRecord]                 # in model order
+    by_ckpt: dict[str, LayerRecord]                # checkpoint name -> layer
+    tied: dict[str, str] = field(default_factory=dict)  # alias ckpt name -> canonical
+
+
+def _loadable(module: nn.Module):
+    """Direct parameters and persistent buffers: what a checkpoint can feed."""
+    for attr, param in module._parameters.items():
+        if param is not None:
+            yield attr, param, False
+    for attr, buf in module._buffers.items():
+        if buf is not None and attr not in module._non_persistent_buffers_set:
+            yield attr, buf, True
+
+
+def plan_layers(model: nn.Module, handlers: list[Handler]) -> Plan:
+    """Build one ``LayerRecord`` per module that owns tensors to load. O(tensors)."""
+    first_name: dict[int, TensorSlot] = {}
+    tied: dict[str, str] = {}
+    layers: dict[str, LayerRecord] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        slots: dict[str, TensorSlot] = {}
+        for attr, tensor, is_buffer in _loadable(module):
+            full = f"{mod_name}.{attr}" if mod_name else attr
+            canonical = first_name.get(id(tensor))
+            if canonical is not None:
+                if canonical.full_name != full:
+                    canonical.aliases.append(full)
+                    tied[full] = canonical.full_name
+                continue
+            slot = TensorSlot(attr, full, tensor.shape, tensor.dtype, is_buffer)
+            first_name[id(tensor)] = slot
+            slots[attr] = slot
+        if slots:
+            name = mod_name or "<root>"
+            handler = next(h for h in handlers if h.claims(mod_name, module))
+            layers[name] = LayerRecord(name, module, handler, slots)
+
+    slot_owner = {slot.full_name: (rec, slot) for rec in layers.values()
+                  for slot in rec.slots.values()}
+    by_ckpt: dict[str, LayerRecord] = {}
+    custom = getattr(model, "checkpoint_pieces", None)
+    named: set[str] = set()
+    for piece in (custom() if callable(custom) else ()):
+        param = tied.get(piece.param, piece.param)
+        if param not in slot_owner:
+            raise ValueError(f"checkpoint_pieces names {piece.param!r}, which the model lacks")
+        if param != piece.param:
+            piece = Piece(piece.ckpt_name, param, piece.region, piece.shard,
+                          piece.expert, piece.optional)
+        _add_piece(by_ckpt, *slot_owner[param], piece)
+        named.add(param)
+    for full, (rec, slot) in slot_owner.items():
+        if full not in named:
+            _add_piece(by_ckpt, rec, slot, Piece(full, full))
+    for rec in layers.values():
+        for slot in rec.slots.values():
+            if slot.covered > slot.numel:
+                raise ValueError(f"pieces of {slot.full_name} overlap: they cover "
+                                 f"{slot.covered} elements of {slot.numel}")
+    # A tied alias is a checkpoint name too: used only when its canonical is absent.
+    tied = {alias: canonical for alias, canonical in tied.items() if canonical in by_ckpt}
+    return Plan(layers, by_ckpt, tied)
+
+
+def _add_piece(by_ckpt, rec: LayerRecord, slot: TensorSlot, piece: Piece) -> None:
+    if piece.ckpt_name in by_ckpt:
+        raise ValueError(f"two pieces claim checkpoint tensor {piece.ckpt_name!r}")
+    rec.pieces[piece.ckpt_name] = piece
+    rec.missing.add(piece.ckpt_name)
+    slot.covered += slot.numel if not piece.region else piece.numel(slot.shape)
+    by_ckpt[piece.ckpt_name] = rec
+
+
+def expected_shape(rec: LayerRecord, piece: Piece) -> tuple[int, ...]:
+    slot = rec.slots[rec.slot_attr(piece.param)]
+    return tuple(slot.shape if not piece.region else piece.expected_shape(slot.shape))
+
+
+def check_fits(rec: LayerRecord, piece: Piece, shape, dtype: torch.dtype,
+               file: str | None) -> None:
+    """Raise if a tensor of ``shape``/``dtype`` cannot fill ``piece``."""
+    want = expected_shape(rec, piece)
+    if tuple(shape) != want:
+        raise ShapeMismatchError(f"shape {tuple(shape)} does not fit {piece.param}"
+                                 f"{_region_text(piece)}, which needs {want}",
+                                 tensor=piece.ckpt_name, file=file, layer=rec.name)
+    target = rec.slots[rec.slot_attr(piece.param)].dtype
+    if dtype != target and not (dtype.is_floating_point and target.is_floating_point):
+        raise DtypeMismatchError(f"dtype {dtype} cannot load into {target} {piece.param}",
+                                 tensor=piece.ckpt_name, file=file, layer=rec.name)
+
+
+def _region_text(piece: Piece) -> str:
+    if not piece.region:
+        return ""
+    parts = [str(i) if isinstance(i, int) else f"{i.start}:{i.stop}" for i in piece.region]
+    return f"[{', '.join(parts)}]"

@@ -1,0 +1,184 @@
+"""FP8 (e4m3fn) weight quantization: the torch reference, which runs on every device.
+
+Conventions (shared with the Triton kernels, which reproduce this file bit for bit):
+  1. Weights are ``[N, K]`` or stacked experts ``[E, N, K]``; every scale is float32.
+  2. ``scale = max(amax, _MIN_AMAX) / 448`` per tensor (per expert), per row or per tile.
+     NaN/Inf in the weight reach the scale, so callers detect them with ``isfinite``.
+  3. ``q = clamp(w.float() * (1 / scale), -448, 448).to(float8_e4m3fn)``: the reciprocal is
+     computed once in float32 and multiplied, never divided per element.
+  4. Quantization runs in row chunks so the float32 temporary stays under ``_CHUNK_BYTES``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from loadfsm.quant.config import Fp8Config
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+# An all-zero tensor gets scale _MIN_AMAX / 448: tiny and positive, so 1 / scale is finite.
+_MIN_AMAX = 1e-12
+# Upper bound on the float32 temporary of one quantization chunk.
+_CHUNK_BYTES = 64 << 20
+_INF = float("inf")
+
+
+def fp8_scale_shape(weight_shape: tuple[int, ...], config: Fp8Config) -> torch.Size:
+    """Shape of the scale tensor for a weight of ``weight_shape`` (see module docstring).
+
+    Raises:
+        ValueError: if the weight is not 2-D or 3-D.
+    """
+    if len(weight_shape) not in (2, 3):
+        raise ValueError(f"fp8 weights are [N, K] or [E, N, K], got shape {tuple(weight_shape)}")
+    *lead, n, k = weight_shape
+    if config.granularity == "tensor":
+        return torch.Size(lead)
+    if config.granularity == "channel":
+        return torch.Size([*lead, n, 1])
+    bn, bk = config.block_size
+    return torch.Size([*lead, math.ceil(n / bn), math.ceil(k / bk)])
+
+
+def fp8_scales(w: torch.Tensor, config: Fp8Config) -> torch.Tensor:
+    """Float32 scales of ``w`` (``[N, K]`` or ``[E, N, K]``) at ``config.granularity``.
+
+    Non-finite values in ``w`` give non-finite scales. No float32 copy of ``w`` is made.
+    """
+    fp8_scale_shape(w.shape, config)  # validates the rank
+    if config.granularity == "tensor":
+        amax = torch.linalg.vector_norm(w, ord=_INF, dim=(-2, -1))
+    elif config.granularity == "channel":
+        amax = torch.linalg.vector_norm(w, ord=_INF, dim=-1, keepdim=True)
+    else:
+        amax = _block_amax(w, *config.block_size)
+    return _scale_from_amax(amax)
+
+
+def quantize_fp8(w: torch.Tensor, config: Fp8Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``w`` to ``(q, scale)``: q is float8_e4m3fn like ``w``, scale is float32.
+
+    Uses the fused Triton kernels on CUDA when available (bit-identical to the reference).
+    """
+    q = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
+    scale = torch.empty(fp8_scale_shape(w.shape, config), dtype=torch.float32, device=w.device)
+    quantize_fp8_into(w, q, scale, config)
+    return q, scale
+
+
+def quantize_fp8_into(w: torch.Tensor, q_out: torch.Tensor, scale_out: torch.Tensor,
+                      config: Fp8Config) -> None:
+    """Quantize ``w`` into the preallocated ``q_out`` and ``scale_out`` (in-place reload).
+
+    Raises:
+        ValueError: if ``q_out`` / ``scale_out`` do not have the shape and dtype ``w`` needs.
+    """
+    _check_outputs(w, q_out, scale_out, config)
+    if w.is_cuda:
+        from loadfsm.quant import triton_fp8  # lazy: Triton exists only next to CUDA
+
+        if triton_fp8.triton_available(w.device) and triton_fp8.supports(w, q_out, scale_out,
+                                                                         config):
+            triton_fp8.quantize_into(w, q_out, scale_out, config)
+            return
+    _quantize_reference_into(w, q_out, scale_out, config)
+
+
+def quantize_fp8_reference(w: torch.Tensor,
+                           config: Fp8Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_fp8`` forced onto the torch reference path (tests compare kernels to it)."""
+    q = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
+    scale = torch.empty(fp8_scale_shape(w.shape, config), dtype=torch.float32, device=w.device)
+    _check_outputs(w, q, scale, config)
+    _quantize_reference_into(w, q, scale, config)
+    return q, scale
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, config: Fp8Config,
+                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``q * scale`` in ``dtype``; ``q`` is ``[N, K]`` or ``[E, N, K]``."""
+    n, k = q.shape[-2:]
+    return (q.float() * _expand_scale(scale, config, 0, n, k)).to(dtype)
+
+
+def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``test`` against ``ref`` in dB (float64)."""
+    ref64, test64 = ref.double(), test.double()
+    noise = (ref64 - test64).pow(2).sum()
+    if noise == 0:
+        return _INF
+    return (10 * torch.log10(ref64.pow(2).sum() / noise)).item()
+
+
+def _scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    # clamp_min keeps NaN, so a NaN weight still yields a NaN scale (step 2).
+    return amax.float().clamp_min(_MIN_AMAX) / FP8_MAX
+
+
+def _quantize_with_inv(x: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
+    """Step 3 for a chunk: ``inv_scale`` broadcasts against ``x``."""
+    y = x.float() * inv_scale
+    return y.clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def _quantize_reference_into(w, q_out, scale_out, config):
+    scale_out.copy_(fp8_scales(w, config))
+    inv = scale_out.reciprocal()
+    n, k = w.shape[-2:]
+    rows_per_chunk = max(1, _CHUNK_BYTES // (4 * k))
+    matrices = [(w, q_out, inv)] if w.dim() == 2 else zip(w, q_out, inv)
+    for w2, q2, inv2 in matrices:
+        for r0 in range(0, n, rows_per_chunk):
+            r1 = min(n, r0 + rows_per_chunk)
+            q2[r0:r1].copy_(_quantize_with_inv(w2[r0:r1], _expand_scale(inv2, config, r0, r1, k)))
+
+
+def _expand_scale(scale: torch.Tensor, config: Fp8Config, r0: int, r1: int,
+                  k: int) -> torch.Tensor:
+    """Scale (or inverse scale) of rows ``r0:r1``, broadcastable against ``[..., r1-r0, k]``."""
+    if config.granularity == "tensor":
+        return scale[..., None, None]
+    if config.granularity == "channel":
+        return scale[..., r0:r1, :]
+    bn, bk = config.block_size
+    first = r0 // bn
+    rows = scale[..., first:math.ceil(r1 / bn), :].repeat_interleave(bn, dim=-2)
+    rows = rows[..., r0 - first * bn:r1 - first * bn, :]
+    return rows.repeat_interleave(bk, dim=-1)[..., :k]
+
+
+def _block_amax(w: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
+    """Per-tile ``max |w|``; full tiles and the ragged edge tiles are reduced as views."""
+    *lead, n, k = w.shape
+    out = w.new_empty((*lead, math.ceil(n / bn), math.ceil(k / bk)))
+    for r0, r1, rb in _segments(n, bn):
+        for c0, c1, cb in _segments(k, bk):
+            # tiles: [..., rows/rb, rb, cols/cb, cb]
+            tiles = w[..., r0:r1, c0:c1].unflatten(-1, (-1, cb)).unflatten(-3, (-1, rb))
+            out[..., r0 // bn:r0 // bn + (r1 - r0) // rb, c0 // bk:c0 // bk + (c1 - c0) // cb] = (
+                torch.linalg.vector_norm(tiles, ord=_INF, dim=(-3, -1)))
+    return out
+
+
+def _segments(n: int, block: int) -> list[tuple[int, int, int]]:
+    """``(start, end, tile)`` spans of ``range(n)``: the full tiles, then the ragged tail."""
+    full = n // block * block
+    spans = [(0, full, block)] if full else []
+    return spans + [(full, n, n - full)] if n > full else spans
+
+
+def _check_outputs(w, q_out, scale_out, config):
+    expected = fp8_scale_shape(w.shape, config)
+    if not w.is_floating_point():
+        raise ValueError(f"cannot quantize a {w.dtype} tensor to fp8")
+    if q_out.shape != w.shape or q_out.dtype != FP8_DTYPE:
+        raise ValueError(f"q_out must be {FP8_DTYPE} of shape {tuple(w.shape)}, "
+                         f"got {q_out.dtype} {tuple(q_out.shape)}")
+    if scale_out.shape != expected or scale_out.dtype != torch.float32:
+        raise ValueError(f"scale_out must be float32 of shape {tuple(expected)}, "
+                         f"got {scale_out.dtype} {tuple(scale_out.shape)}")
+    if q_out.device != w.device or scale_out.device != w.device:
+        raise ValueError(f"q_out and scale_out must be on {w.device}")

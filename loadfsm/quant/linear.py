@@ -1,0 +1,199 @@
+"""Modules that run on FP8 weights: ``Fp8Linear`` and ``Fp8StackedExperts``.
+
+Both hold float8_e4m3fn weights with float32 scales (layout in ``fp8.py``) and run every
+matrix through ``fp8_matmul``: ``torch._scaled_mm`` with dynamically quantized activations
+on GPUs with FP8 tensor cores, otherwise a dequantize + ``F.linear`` fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loadfsm.models.layers import StackedExperts
+from loadfsm.quant.config import Fp8Config
+from loadfsm.quant.fp8 import (FP8_DTYPE, _quantize_with_inv, _scale_from_amax,
+                               dequantize_fp8, fp8_scale_shape)
+
+_INF = float("inf")
+
+
+def fp8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+               bias: torch.Tensor | None, config: Fp8Config,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    """``x @ dequantize(q, scale).T + bias`` in ``out_dtype``.
+
+    Args:
+        x: activations ``[..., K]``.
+        q: float8_e4m3fn weight ``[N, K]``; ``scale`` its float32 scales.
+        bias: ``[N]`` or None.
+    Returns:
+        ``[..., N]`` in ``out_dtype``. The ``_scaled_mm`` path has no host syncs, so it
+        can be captured in a CUDA graph.
+    """
+    n, k = q.shape
+    x2 = x.reshape(-1, k)  # [M, K]
+    if _use_scaled_mm(x2, q, config, out_dtype):
+        out = _scaled_mm(x2, q, scale, config, out_dtype)
+        if bias is not None:
+            out = out + bias
+    else:
+        bias = None if bias is None else bias.to(out_dtype)
+        out = F.linear(x2.to(out_dtype), dequantize_fp8(q, scale, config, out_dtype), bias)
+    return out.reshape(*x.shape[:-1], n)
+
+
+class Fp8Linear(nn.Module):
+    """A linear layer whose weight is FP8 (``[out_features, in_features]``).
+
+    Parameters (all ``requires_grad=False``): ``weight`` float8_e4m3fn, ``weight_scale``
+    float32 shaped by ``config.granularity``, optional ``bias`` in ``out_dtype``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, config: Fp8Config,
+                 *, out_dtype: torch.dtype = torch.bfloat16, device=None):
+        super().__init__()
+        shape = (out_features, in_features)
+        self._install(
+            torch.empty(shape, dtype=FP8_DTYPE, device=device),
+            torch.empty(fp8_scale_shape(shape, config), dtype=torch.float32, device=device),
+            torch.empty(out_features, dtype=out_dtype, device=device) if bias else None,
+            config, out_dtype)
+
+    @classmethod
+    def from_quantized(cls, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                       config: Fp8Config,
+                       out_dtype: torch.dtype = torch.bfloat16) -> Fp8Linear:
+        """Wrap tensors the loader produced, sharing their storage (no copy).
+
+        Raises:
+            ValueError: if the dtypes or shapes do not fit ``config``.
+        """
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._install(q, scale, bias, config, out_dtype)
+        return layer
+
+    def _install(self, q, scale, bias, config, out_dtype):
+        _check_quantized("weight", q, scale, config, dims=2)
+        if bias is not None and bias.shape != q.shape[:1]:
+            raise ValueError(f"bias must have shape {tuple(q.shape[:1])}, "
+                             f"got {tuple(bias.shape)}")
+        self.out_features, self.in_features = q.shape
+        self.config, self.out_dtype = config, out_dtype
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.weight_scale = nn.Parameter(scale, requires_grad=False)
+        self.register_parameter(
+            "bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in_features] -> [..., out_features]
+        return fp8_matmul(x, self.weight, self.weight_scale, self.bias, self.config,
+                          self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, granularity={self.config.granularity}")
+
+
+class Fp8StackedExperts(StackedExperts):
+    """``StackedExperts`` with FP8 ``gate_up_proj`` / ``down_proj`` and per-expert scales.
+
+    ``gate_up_proj_scale`` / ``down_proj_scale`` are float32 with shape
+    ``fp8_scale_shape`` of the stacked weight (e.g. ``[E]`` per tensor, ``[E, N, 1]``
+    per channel).
+    """
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, config: Fp8Config,
+                 *, out_dtype: torch.dtype = torch.bfloat16, device=None):
+        # nn.Module.__init__ directly: StackedExperts.__init__ would allocate bf16 weights.
+        nn.Module.__init__(self)
+        tensors = []
+        for shape in ((num_experts, 2 * intermediate, hidden),
+                      (num_experts, hidden, intermediate)):
+            tensors += [torch.empty(shape, dtype=FP8_DTYPE, device=device),
+                        torch.empty(fp8_scale_shape(shape, config), dtype=torch.float32,
+                                    device=device)]
+        self._install(*tensors, config, out_dtype)
+
+    @classmethod
+    def from_quantized(cls, gate_up_proj: torch.Tensor, gate_up_proj_scale: torch.Tensor,
+                       down_proj: torch.Tensor, down_proj_scale: torch.Tensor,
+                       config: Fp8Config,
+                       out_dtype: torch.dtype = torch.bfloat16) -> Fp8StackedExperts:
+        """Wrap quantized stacked weights and their scales, sharing storage (no copy).
+
+        Raises:
+            ValueError: if the dtypes or shapes do not fit ``config`` or each other.
+        """
+        experts = cls.__new__(cls)
+        nn.Module.__init__(experts)
+        experts._install(gate_up_proj, gate_up_proj_scale, down_proj, down_proj_scale,
+                         config, out_dtype)
+        return experts
+
+    def _install(self, gate_up, gate_up_scale, down, down_scale, config, out_dtype):
+        _check_quantized("gate_up_proj", gate_up, gate_up_scale, config, dims=3)
+        _check_quantized("down_proj", down, down_scale, config, dims=3)
+        num_experts, two_intermediate, hidden = gate_up.shape
+        if down.shape != (num_experts, hidden, two_intermediate // 2) or two_intermediate % 2:
+            raise ValueError(f"gate_up_proj {tuple(gate_up.shape)} and down_proj "
+                             f"{tuple(down.shape)} do not describe the same experts")
+        self.num_experts, self.hidden, self.intermediate = (num_experts, hidden,
+                                                            two_intermediate // 2)
+        self.config, self.out_dtype = config, out_dtype
+        self.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
+        self.gate_up_proj_scale = nn.Parameter(gate_up_scale, requires_grad=False)
+        self.down_proj = nn.Parameter(down, requires_grad=False)
+        self.down_proj_scale = nn.Parameter(down_scale, requires_grad=False)
+
+    def expert_linear(self, x: torch.Tensor, which: str, expert: int) -> torch.Tensor:
+        """``x @ W[expert].T`` in FP8 for ``which`` in {"gate_up_proj", "down_proj"}."""
+        return fp8_matmul(x, getattr(self, which)[expert],
+                          getattr(self, which + "_scale")[expert], None, self.config,
+                          self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, hidden={self.hidden}, "
+                f"intermediate={self.intermediate}, granularity={self.config.granularity}")
+
+
+def _check_quantized(name, q, scale, config, *, dims):
+    if q.dim() != dims or q.dtype != FP8_DTYPE:
+        raise ValueError(f"{name} must be a {dims}-D {FP8_DTYPE} tensor, "
+                         f"got {q.dim()}-D {q.dtype}")
+    expected = fp8_scale_shape(q.shape, config)
+    if scale.shape != expected or scale.dtype != torch.float32:
+        raise ValueError(f"{name} scale must be float32 of shape {tuple(expected)}, "
+                         f"got {scale.dtype} {tuple(scale.shape)}")
+
+
+def _use_scaled_mm(x2, q, config, out_dtype):
+    n, k = q.shape
+    return (x2.is_cuda and config.granularity in ("tensor", "channel")
+            and n % 16 == 0 and k % 16 == 0
+            and (config.granularity == "tensor" or out_dtype == torch.bfloat16)
+            and _has_fp8_tensor_cores(x2.device.index))
+
+
+@functools.cache
+def _has_fp8_tensor_cores(device_index: int | None) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
+
+
+def _scaled_mm(x2, q, scale, config, out_dtype):
+    # x2: [M, K]; q: [N, K]. Activations are quantized on the fly with the weight recipe:
+    # one scale for per-tensor weights, one per token (row) for per-channel weights.
+    if config.granularity == "tensor":
+        x_scale = _scale_from_amax(torch.linalg.vector_norm(x2, ord=_INF))  # []
+        w_scale = scale  # []
+    else:
+        x_scale = _scale_from_amax(
+            torch.linalg.vector_norm(x2, ord=_INF, dim=-1, keepdim=True))  # [M, 1]
+        w_scale = scale.reshape(1, -1)  # [1, N]
+    xq = _quantize_with_inv(x2, x_scale.reciprocal())
+    # q.t() is [K, N] column-major, the layout _scaled_mm wants for its second operand.
+    return torch._scaled_mm(xq, q.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype)

@@ -1,0 +1,35 @@
+"""What a load tells its caller."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LoadReport:
+    """Figures and facts of one load.
+
+    Bytes are what the session materialized on the target device (its ledger);
+    ``cuda_peak_bytes`` is ``torch.cuda.max_memory_allocated`` above the level
+    at the start of the load, when the device is CUDA.
+    """
+
+    peak_bytes: int
+    final_bytes: int
+    largest_layer_bytes: int
+    seconds: float
+    states: dict[str, int]
+    layer_states: dict[str, str]
+    device: str
+    quant: str | None
+    bytes_read: int = 0
+    cuda_peak_bytes: int | None = None
+    max_layers_in_flight: int = 0
+    missing: dict[str, list[str]] = field(default_factory=dict)
+    unexpected: list[str] = field(default_factory=list)
+    defaulted: list[str] = field(default_factory=list)
+    padded: list[str] = field(default_factory=list)
+    tied: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,359 @@
+"""LoadSession: plans layers, routes arrivals, fires triggers, keeps the ledger.
+
+The steps of one load, cited below as L1..L6:
+  L1 plan every layer and its pieces from the model (no data read);
+  L2 match the plan against the source's headers: shapes, dtypes, unknown and
+     missing names fail before a byte of data is read;
+  L3 read in layer order; a layer's first piece materializes its staging (META -> PARTIAL);
+  L4 its last piece completes it; the handler checks and quantizes it and its
+     staging is freed at once (COMPLETE -> QUANTIZED);
+  L5 the handler installs the kernel tensors (QUANTIZED -> FINALIZED);
+  L6 the finalize sweep: defaults for optional pieces, non-persistent buffers,
+     strictness, the report.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import DuplicateWeightError, IncompleteLoadError, UnexpectedWeightError
+from .handlers.base import HANDLERS, Handler
+from .layer import LayerRecord
+from .ledger import MemoryLedger, nbytes
+from .plan import TensorEntry, check_fits, plan_layers
+from .quant.config import resolve_quant
+from .handlers.fp8 import quant_name
+from .report import LoadReport
+from .states import LayerState
+from .trace import Tracer
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class LoadSession:
+    """One load (or reload) of a model built on ``meta``.
+
+    Args:
+        model: any ``nn.Module``; parameters to load live on ``meta``.
+        quant: ``None``, ``"fp8"``, ``"fp8-channel"``, ``"fp8-block"`` or an ``Fp8Config``.
+        device: target device; the best available when ``None``.
+        trace: ``True`` for structlog events, a path for a JSONL file, ``None`` for none.
+        strict: raise on missing or unexpected tensors (else report them).
+        max_in_flight: warn once when more layers than this hold staging at once.
+        on_layer_done: called with each layer's record when it reaches FINALIZED.
+    """
+
+    def __init__(self, model: nn.Module, *, quant=None, device=None, trace=None,
+                 strict: bool = True, max_in_flight: int = 2,
+                 on_layer_done: Callable[[LayerRecord], None] | None = None):
+        self.model = model
+        self.device = torch.device(device) if device is not None else default_device()
+        self.quant = resolve_quant(quant)
+        self.strict = strict
+        self.max_in_flight = max_in_flight
+        self.on_layer_done = on_layer_done
+        self.tracer = Tracer(trace)
+        self.ledger = MemoryLedger()
+        self.handlers = self._build_handlers()
+        self.plan = plan_layers(model, self.handlers)                      # L1
+        self.in_flight: dict[str, LayerRecord] = {}
+        self.unexpected: list[str] = []
+        self.file_of: Callable[[str], str | None] = lambda name: None
+        self._index: dict[str, str] = {}
+        self._tied_used: dict[str, str] = {}
+        self._absent: dict[str, list[str]] = {}      # layer -> names the checkpoint lacks
+        self._bytes_read = 0
+        self._largest = 0
+        self._peak_in_flight = 0
+        self._warned_in_flight = False
+        self._t0 = time.perf_counter()
+        self._cuda_base = self._cuda_reset()
+        for alias, canonical in self.plan.tied.items():
+            self.tracer.event("tied_weight", alias=alias, canonical=canonical)
+
+    def _build_handlers(self) -> list[Handler]:
+        names = ["kv_scales"] + (["fp8"] if self.quant is not None else []) + ["passthrough"]
+        return [HANDLERS[name](self) for name in names]
+
+    # -- L2: match the plan against headers --------------------------------------
+    def match(self, entries: dict[str, TensorEntry], index: dict[str, str]) -> list[str]:
+        """Check names, shapes and dtypes; return the read order (layer by layer)."""
+        self._index = index
+        by_ckpt = self.plan.by_ckpt
+        for name, entry in entries.items():
+            rec = by_ckpt.get(name)
+            if rec is not None:
+                check_fits(rec, rec.pieces[name], entry.shape, entry.dtype, entry.file)
+            elif name in self.plan.tied:
+                canonical = self.plan.tied[name]
+                if canonical not in entries:
+                    self._rekey(canonical, name)
+                    check_fits(by_ckpt[name], by_ckpt[name].pieces[name], entry.shape,
+                               entry.dtype, entry.file)
+            else:
+                self.unexpected.append(name)
+        if self.unexpected and self.strict:
+            raise self._unexpected_error()
+        missing: dict[str, list[str]] = {}
+        for name in [n for n in by_ckpt if n not in entries]:
+            rec = by_ckpt[name]
+            if rec.pieces[name].optional:
+                rec.missing.discard(name)
+                rec.defaulted.append(name)
+            else:
+                missing.setdefault(rec.name, []).append(name)
+        missing = self._absent = {layer: sorted(names) for layer, names in missing.items()}
+        if missing and self.strict:
+            raise self._incomplete_error(missing)
+        # Layers that cannot complete are not read: they stay META, nothing half-loaded.
+        return [name for rec in self.plan.layers.values() if rec.name not in missing
+                for name in rec.pieces if name in entries]
+
+    def _rekey(self, canonical: str, alias: str) -> None:
+        """Feed a tied tensor from its alias's checkpoint name (``lm_head.weight``)."""
+        rec = self.plan.by_ckpt.pop(canonical)
+        rec.pieces[alias] = replace(rec.pieces.pop(canonical), ckpt_name=alias)
+        rec.missing.discard(canonical)
+        rec.missing.add(alias)
+        self.plan.by_ckpt[alias] = rec
+        self._tied_used[canonical] = alias
+        self.tracer.event("tied_weight", alias=alias, canonical=canonical, source="alias")
+
+    # -- L3/L4/L5: arrivals --------------------------------------------------------
+    def arrive(self, name: str, tensor: torch.Tensor) -> None:
+        """Route one checkpoint tensor to its layer. O(1) bookkeeping per call."""
+        rec = self.plan.by_ckpt.get(name)
+        if rec is None:
+            rec = self._route_unplanned(name)
+            if rec is None:
+                return
+        piece = rec.pieces[name]
+        if name not in rec.missing:
+            raise DuplicateWeightError("piece arrived twice", tensor=name,
+                                       file=self.file_of(name), layer=rec.name)
+        check_fits(rec, piece, tensor.shape, tensor.dtype, self.file_of(name))
+        if rec.state is LayerState.META:
+            self._materialize(rec)
+        src, dst = rec.fire("arrive")
+        target = rec.staging[rec.slot_attr(piece.param)]
+        (target[piece.region] if piece.region else target).copy_(tensor)
+        rec.missing.discard(name)
+        rec.arrived += 1
+        self._bytes_read += nbytes(tensor)
+        self._transition(rec, src, dst, "arrive", piece=name, shard=piece.shard,
+                         expert=piece.expert)
+        if not rec.missing:
+            self._complete(rec, "complete")
+
+    def _route_unplanned(self, name: str) -> LayerRecord | None:
+        """A name the plan does not know: a tied alias, or unexpected."""
+        canonical = self.plan.tied.get(name)
+        if canonical is not None:
+            rec = self.plan.by_ckpt.get(canonical)
+            if rec is not None and canonical in rec.missing:
+                self._rekey(canonical, name)
+                return rec
+            self.tracer.event("tied_weight", alias=name, canonical=canonical, skipped=True)
+            return None
+        if name in self._tied_used:          # canonical after its alias fed the tensor
+            self.tracer.event("tied_weight", alias=self._tied_used[name], canonical=name,
+                              skipped=True)
+            return None
+        self.unexpected.append(name)
+        if self.strict:
+            raise self._unexpected_error()
+        return None
+
+    def _materialize(self, rec: LayerRecord) -> None:
+        rec.staging = rec.handler.materialize(rec)
+        rec.staging_bytes = sum(nbytes(t) for t in rec.staging.values())
+        self.ledger.add_staging(rec.staging_bytes)
+        self._largest = max(self._largest, rec.staging_bytes)
+        rec.t_first = time.perf_counter()
+        self.in_flight[rec.name] = rec
+        self._peak_in_flight = max(self._peak_in_flight, len(self.in_flight))
+        if len(self.in_flight) > self.max_in_flight and not self._warned_in_flight:
+            self._warned_in_flight = True
+            self.tracer.warning(
+                "layers_in_flight", count=len(self.in_flight), limit=self.max_in_flight,
+                layers=list(self.in_flight),
+                staging_mb=round(self.ledger.staging / 2**20, 2))
+        padded = [slot.full_name for slot in rec.slots.values() if slot.padded]
+        if padded and not rec.reloading:
+            self.tracer.event("layer_padded", layer=rec.name, tensors=padded)
+        if rec.defaulted:
+            rec.handler.defaults(rec, [rec.pieces[n] for n in rec.defaulted])
+
+    def _complete(self, rec: LayerRecord, trigger: str) -> None:
+        src, dst = rec.fire(trigger)
+        self._transition(rec, src, dst, trigger)
+        self.quantize(rec)
+        self.finalize(rec)
+
+    def quantize(self, rec: LayerRecord) -> None:
+        """L4: check and quantize a COMPLETE layer, then free its staging."""
+        rec.handler.check(rec)
+        results = rec.handler.quantize(rec)
+        staging_ids = {id(t) for t in rec.staging.values()}
+        shared = sum(nbytes(t) for t in results.values() if id(t) in staging_ids)
+        produced = sum(nbytes(t) for t in results.values())
+        self.ledger.free_staging(shared)
+        if rec.reloading:
+            self.ledger.add_staging(produced - shared)   # held until copied into live tensors
+        else:
+            self.ledger.add_final(produced)
+        self.ledger.free_staging(rec.staging_bytes - shared)
+        rec.results, rec.staging, rec.staging_bytes = results, {}, 0
+        rec.final_bytes = produced
+        self.in_flight.pop(rec.name, None)
+        src, dst = rec.fire("quantize")
+        self._transition(rec, src, dst, "quantize")
+
+    def finalize(self, rec: LayerRecord) -> None:
+        """L5: install (first load) or commit in place (reload) the kernel tensors."""
+        if rec.reloading:
+            rec.handler.commit(rec)
+            self.ledger.free_staging(rec.final_bytes)
+            rec.reloading = False
+        else:
+            rec.handler.install(rec)
+        rec.results = {}
+        src, dst = rec.fire("finalize")
+        rec.t_done = time.perf_counter()
+        self._transition(rec, src, dst, "finalize")
+        if self.on_layer_done is not None:
+            self.on_layer_done(rec)
+
+    def _transition(self, rec: LayerRecord, src, dst, trigger: str, **extra) -> None:
+        if self.tracer.enabled:
+            self.tracer.transition(rec.name, src.name, dst.name, trigger,
+                                   rec.staging_bytes + rec.final_bytes, **extra)
+
+    # -- placing tensors into the model -------------------------------------------
+    def place(self, rec: LayerRecord, attr: str, tensor: torch.Tensor) -> None:
+        """Set a loaded tensor on its module and on every module tied to it."""
+        slot = rec.slots[attr]
+        if slot.is_buffer:
+            value = tensor
+        else:
+            old = rec.module._parameters.get(attr)
+            grad = bool(old is not None and old.requires_grad and tensor.is_floating_point())
+            value = nn.Parameter(tensor, requires_grad=grad)
+        for full in [slot.full_name, *slot.aliases]:
+            owner, _, name = full.rpartition(".")
+            module = self.model.get_submodule(owner) if owner else self.model
+            if slot.is_buffer:
+                module._buffers[name] = value
+            else:
+                setattr(module, name, value)
+
+    def replace_module(self, rec: LayerRecord, new: nn.Module) -> None:
+        """Swap a layer's module for its kernel form (an FP8 linear, say)."""
+        parent_name, _, child = rec.name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        setattr(parent, child, new)
+        rec.module = new
+
+    # -- L6: finalize sweep ---------------------------------------------------------
+    def finish(self) -> LoadReport:
+        """Default what may be defaulted, compute buffers, enforce strictness, report."""
+        for rec in self.plan.layers.values():
+            if rec.state is LayerState.FINALIZED or rec.required_missing():
+                continue
+            if rec.missing:                   # only optional pieces left: defaults
+                rec.defaulted.extend(sorted(rec.missing))
+                rec.missing.clear()
+                if rec.state is LayerState.PARTIAL:
+                    rec.handler.defaults(rec, [rec.pieces[n] for n in rec.defaulted])
+            if rec.state is LayerState.META:
+                self._materialize(rec)
+            self.tracer.event("layer_defaulted", layer=rec.name, pieces=rec.defaulted)
+            self._complete(rec, "default")
+        self._compute_buffers()
+        missing = self._missing()
+        for name in missing:                  # incomplete layers keep no staging
+            rec = self.plan.layers[name]
+            self.ledger.free_staging(rec.staging_bytes)
+            rec.staging, rec.staging_bytes = {}, 0
+            self.in_flight.pop(name, None)
+        report = self.report(missing)
+        if missing:
+            self.tracer.warning("load_incomplete", missing=missing)
+        self.tracer.event("load_complete", **{k: v for k, v in report.to_dict().items()
+                                              if k != "layer_states"})
+        self.tracer.close()
+        if missing and self.strict:
+            raise self._incomplete_error(missing)
+        return report
+
+    def _compute_buffers(self) -> None:
+        for module in self.model.modules():
+            compute = getattr(module, "compute_buffers", None)
+            if callable(compute) and any(b is not None and b.is_meta
+                                         for b in module._buffers.values()):
+                compute(self.device)
+
+    def _missing(self) -> dict[str, list[str]]:
+        """Per layer, the required names that did not arrive (or that the checkpoint lacks)."""
+        return {rec.name: self._absent.get(rec.name) or rec.required_missing()
+                for rec in self.plan.layers.values() if rec.required_missing()}
+
+    def _incomplete_error(self, missing: dict[str, list[str]]) -> IncompleteLoadError:
+        lines = []
+        for layer, names in missing.items():
+            shown = [f"{n} (index: {self._index[n]})" if n in self._index else n for n in names]
+            lines.append(f"  {layer}: missing {', '.join(shown)}")
+        return IncompleteLoadError(
+            f"{len(missing)} layer(s) did not receive all their pieces:\n" + "\n".join(lines),
+            missing=missing, layer=next(iter(missing)))
+
+    def _unexpected_error(self) -> UnexpectedWeightError:
+        names = sorted(self.unexpected)
+        return UnexpectedWeightError(
+            f"{len(names)} tensor(s) match no parameter of the model: {', '.join(names)}",
+            names=names, tensor=names[0], file=self.file_of(names[0]))
+
+    # -- report ------------------------------------------------------------------------
+    def _cuda_reset(self) -> int | None:
+        if self.device.type != "cuda":
+            return None
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return torch.cuda.memory_allocated(self.device)
+
+    def report(self, missing: dict[str, list[str]] | None = None) -> LoadReport:
+        cuda_peak = None
+        if self._cuda_base is not None:
+            torch.cuda.synchronize(self.device)
+            cuda_peak = torch.cuda.max_memory_allocated(self.device) - self._cuda_base
+        layer_states = {name: rec.state.name for name, rec in self.plan.layers.items()}
+        states = {state.name: 0 for state in LayerState}
+        for state in layer_states.values():
+            states[state] += 1
+        return LoadReport(
+            peak_bytes=self.ledger.peak, final_bytes=self.ledger.final,
+            largest_layer_bytes=self._largest, seconds=time.perf_counter() - self._t0,
+            states=states, layer_states=layer_states, device=str(self.device),
+            quant=quant_name(self.quant),
+            bytes_read=self._bytes_read, cuda_peak_bytes=cuda_peak,
+            max_layers_in_flight=self._peak_in_flight,
+            missing=missing if missing is not None else self._missing(),
+            unexpected=sorted(self.unexpected),
+            defaulted=[r.name for r in self.plan.layers.values() if r.defaulted],
+            padded=[s.full_name for r in self.plan.layers.values()
+                    for s in r.slots.values() if s.padded],
+            tied={alias: canonical for canonical, slot in self._slots_with_aliases()
+                  for alias in slot.aliases})
+
+    def _slots_with_aliases(self):
+        for rec in self.plan.layers.values():
+            for slot in rec.slots.values():
+                if slot.aliases:
+                    yield slot.full_name, slot
