@@ -18,7 +18,7 @@ class KvScalesHandler(Handler):
     """Claims modules whose loadable tensors are all kv-cache scales."""
 
     def claims(self, layer_name, module) -> bool:
-        own = [name for name, _ in module.named_parameters(recurse=False)]
+        own = [name for name, p in module._parameters.items() if p is not None]
         return bool(own) and all(name in SCALE_NAMES for name in own)
 
     def defaults(self, rec, pieces) -> None:
