@@ -23,6 +23,7 @@ class LoadReport:
     device: str
     quant: str | None
     bytes_read: int = 0
+    largest_output_bytes: int = 0          # largest layer after quantization
     cuda_peak_bytes: int | None = None
     max_layers_in_flight: int = 0
     missing: dict[str, list[str]] = field(default_factory=dict)

@@ -71,6 +71,7 @@ class LoadSession:
         self._absent: dict[str, list[str]] = {}      # layer -> names the checkpoint lacks
         self._bytes_read = 0
         self._largest = 0
+        self._largest_output = 0
         self._peak_in_flight = 0
         self._warned_in_flight = False
         self._t0 = time.perf_counter()
@@ -212,6 +213,7 @@ class LoadSession:
         self.ledger.free_staging(rec.staging_bytes - shared)
         rec.results, rec.staging, rec.staging_bytes = results, {}, 0
         rec.final_bytes = produced
+        self._largest_output = max(self._largest_output, produced)
         self.in_flight.pop(rec.name, None)
         src, dst = rec.fire("quantize")
         self._transition(rec, src, dst, "quantize")
@@ -339,7 +341,8 @@ class LoadSession:
             states[state] += 1
         return LoadReport(
             peak_bytes=self.ledger.peak, final_bytes=self.ledger.final,
-            largest_layer_bytes=self._largest, seconds=time.perf_counter() - self._t0,
+            largest_layer_bytes=self._largest, largest_output_bytes=self._largest_output,
+            seconds=time.perf_counter() - self._t0,
             states=states, layer_states=layer_states, device=str(self.device),
             quant=quant_name(self.quant),
             bytes_read=self._bytes_read, cuda_peak_bytes=cuda_peak,

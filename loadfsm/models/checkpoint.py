@@ -87,7 +87,14 @@ def checkpoint_layout(config: ModelConfig | str) -> list[TensorSpec]:
     return specs
 
 
-def _generate(spec: TensorSpec, seed: int) -> torch.Tensor:
+def _generate(spec: TensorSpec, seed: int, num_layers: int = 1) -> torch.Tensor:
+    """Values shaped like a trained model's, so quantization error is judged fairly.
+
+    Matrices get per-row magnitudes spread over about 0.5x-2x (trained rows differ,
+    which is what per-channel scales are for); projections that write into the
+    residual stream (``o_proj``, ``down_proj``) get the usual ``1/sqrt(2 * layers)``
+    scaled init, so each layer adds a small update to the stream as in real models.
+    """
     # One generator per tensor, seeded by (seed, name): values independent of order.
     # Hashed to 32 bits because the CPU generator (mt19937) keeps only 32 seed bits.
     gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{spec.name}".encode()))
@@ -96,7 +103,14 @@ def _generate(spec: TensorSpec, seed: int) -> torch.Tensor:
         return out.uniform_(0.5, 1.5, generator=gen)
     if spec.name.endswith("norm.weight"):
         return out.normal_(1.0, 0.02, generator=gen)
-    return out.normal_(0.0, 0.02, generator=gen)
+    std = 0.02
+    if spec.name.endswith(("o_proj.weight", "down_proj.weight")):
+        std /= math.sqrt(2 * num_layers)
+    out.normal_(0.0, std, generator=gen)
+    if out.dim() == 2:
+        row_scale = torch.empty(out.shape[0], 1).uniform_(-0.7, 0.7, generator=gen).exp_()
+        out.mul_(row_scale.to(out.dtype))
+    return out
 
 
 def reference_state_dict(config: ModelConfig | str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -105,7 +119,8 @@ def reference_state_dict(config: ModelConfig | str, seed: int = 0) -> dict[str, 
     Weights are ``normal * 0.02``, norm weights ``1 + normal * 0.02``, kv scales
     uniform in [0.5, 1.5]. The same ``seed`` gives identical tensors.
     """
-    return {spec.name: _generate(spec, seed) for spec in checkpoint_layout(config)}
+    return {spec.name: _generate(spec, seed, as_config(config).num_layers)
+            for spec in checkpoint_layout(config)}
 
 
 def write_checkpoint(config: ModelConfig | str, directory: str | Path, *, seed: int = 0,
@@ -144,7 +159,7 @@ def write_checkpoint(config: ModelConfig | str, directory: str | Path, *, seed: 
     weight_map = {}
     for k, shard in enumerate(shards, start=1):
         file_name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        _write_safetensors(directory / file_name, shard, seed)
+        _write_safetensors(directory / file_name, shard, seed, as_config(config).num_layers)
         weight_map.update((spec.name, file_name) for spec in shard)
     if index:
         total = sum(spec.nbytes for spec in specs)
@@ -174,7 +189,8 @@ def _plan_shards(specs: list[TensorSpec], order: str, max_shard_bytes: int,
     return shards
 
 
-def _write_safetensors(path: Path, specs: list[TensorSpec], seed: int) -> None:
+def _write_safetensors(path: Path, specs: list[TensorSpec], seed: int,
+                       num_layers: int) -> None:
     # Written by hand rather than with safetensors.save_file, which holds every
     # tensor at once and sorts the data; here the data follows ``specs`` in order.
     header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
@@ -189,7 +205,7 @@ def _write_safetensors(path: Path, specs: list[TensorSpec], seed: int) -> None:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for spec in specs:
-            f.write(_generate(spec, seed).reshape(-1).view(torch.uint8).numpy().data)
+            f.write(_generate(spec, seed, num_layers).reshape(-1).view(torch.uint8).numpy().data)
 
 
 def load_reference_model(config: ModelConfig | str, seed: int = 0,
@@ -215,7 +231,7 @@ def load_reference_model(config: ModelConfig | str, seed: int = 0,
             param.zero_()
         for spec in checkpoint_layout(cfg):
             piece = by_ckpt.pop(spec.name)
-            params[piece.param][piece.region].copy_(_generate(spec, seed))
+            params[piece.param][piece.region].copy_(_generate(spec, seed, cfg.num_layers))
         for piece in by_ckpt.values():   # absent from the checkpoint: kv scales only
             if not piece.optional:
                 raise KeyError(f"checkpoint layout lacks {piece.ckpt_name!r}")

@@ -114,8 +114,11 @@ def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
 
 
 def _scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    # clamp_min keeps NaN, so a NaN weight still yields a NaN scale (step 2).
-    return amax.float().clamp_min(_MIN_AMAX) / FP8_MAX
+    # clamp_min keeps NaN, so a NaN weight still yields a NaN scale (step 2). The divisor
+    # is a tensor on purpose: CUDA turns division by a Python scalar into a multiplication
+    # by its reciprocal, which is not the IEEE quotient the kernels compute.
+    amax = amax.float().clamp_min(_MIN_AMAX)
+    return amax / torch.full_like(amax, FP8_MAX)
 
 
 def _quantize_with_inv(x: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:

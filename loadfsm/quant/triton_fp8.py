@@ -5,8 +5,8 @@ say yes. Each kernel follows the steps of ``fp8.py``'s docstring exactly: the sc
 ``max(amax, _MIN_AMAX) / 448`` with IEEE division (``tl.div_rn``), the reciprocal is
 ``div_rn(1, scale)``, and the quantized value is ``clamp(x * inv, -448, 448)`` cast
 round-to-nearest-even to e4m3fn.
-  - tensor: a partial-amax kernel, the scale in torch (the reference's own helper), then a
-    streaming quantize kernel. Two reads of the weight are unavoidable for one global scale.
+  - tensor: a partial-amax kernel, then a quantize kernel whose programs each reduce the
+    partials to the scale. Two reads of the weight are unavoidable for one global scale.
   - channel: one kernel per group of rows; rows of up to ``_ONE_PASS_K`` elements are read
     once and kept in registers, longer rows are read twice (the second read mostly hits L2).
   - block: one kernel, one program per tile, one read.
@@ -20,7 +20,7 @@ import functools
 import torch
 
 from loadfsm.quant.config import Fp8Config
-from loadfsm.quant.fp8 import _MIN_AMAX, FP8_MAX, _scale_from_amax
+from loadfsm.quant.fp8 import _MIN_AMAX, FP8_MAX
 
 try:
     import triton
@@ -53,6 +53,7 @@ def quantize_into(w: torch.Tensor, q_out: torch.Tensor, scale_out: torch.Tensor,
     """Quantize ``w`` ([N, K] or [E, N, K], contiguous) into ``q_out`` and ``scale_out``."""
     n, k = w.shape[-2:]
     experts = w.shape[0] if w.dim() == 3 else 1
+    # Triton launches on the current device, which need not be the tensor's.
     with torch.cuda.device(w.device):
         if config.granularity == "tensor":
             _quantize_tensor(w, q_out, scale_out, experts, n * k)
@@ -66,15 +67,11 @@ def _quantize_tensor(w, q_out, scale_out, experts, numel):
     partials = _num_partials(numel, experts)
     span = triton.cdiv(triton.cdiv(numel, partials), _STREAM_BLOCK) * _STREAM_BLOCK
     amax = torch.empty(experts, partials, dtype=torch.float32, device=w.device)
-    _amax_kernel[(partials, experts)](w, amax, numel, span, partials,
-                                      BLOCK=_STREAM_BLOCK, num_warps=8)
-    # torch's amax propagates NaN; the scale comes from the reference's own helper.
-    scale = _scale_from_amax(amax.amax(dim=1))
-    scale_out.copy_(scale.reshape(scale_out.shape))
-    inv = scale.reciprocal()
-    grid = (triton.cdiv(numel, _STREAM_BLOCK), experts)
-    _quantize_tensor_kernel[grid](w, q_out, inv, numel, FP8_MAX=FP8_MAX,
-                                  BLOCK=_STREAM_BLOCK, num_warps=8)
+    grid = (partials, experts)
+    _amax_kernel[grid](w, amax, numel, span, partials, BLOCK=_STREAM_BLOCK, num_warps=8)
+    _quantize_tensor_kernel[grid](w, q_out, amax, scale_out, numel, span, partials,
+                                  FP8_MAX=FP8_MAX, MIN_AMAX=_MIN_AMAX, BLOCK=_STREAM_BLOCK,
+                                  PARTIALS=triton.next_power_of_2(partials), num_warps=8)
 
 
 def _quantize_channel(w, q_out, scale_out, rows, k):
@@ -103,7 +100,7 @@ def _sm_count(device_index: int) -> int:
 
 def _num_partials(numel: int, experts: int) -> int:
     """Programs per expert for the amax pass: enough to fill the GPU a few times over."""
-    target = max(1, 8 * _sm_count(torch.cuda.current_device()) // experts)
+    target = max(1, 4 * _sm_count(torch.cuda.current_device()) // experts)
     return max(1, min(target, triton.cdiv(numel, _STREAM_BLOCK)))
 
 
@@ -140,18 +137,26 @@ if triton is not None:
         tl.store(amax_ptr + expert * num_partials + pid, tl.reduce(acc, 0, _max_nan))
 
     @triton.jit
-    def _quantize_tensor_kernel(x_ptr, q_ptr, inv_ptr, numel, FP8_MAX: tl.constexpr,
-                                BLOCK: tl.constexpr):
-        # grid: (cdiv(numel, BLOCK), experts)
+    def _quantize_tensor_kernel(x_ptr, q_ptr, amax_ptr, scale_ptr, numel, span, num_partials,
+                                FP8_MAX: tl.constexpr, MIN_AMAX: tl.constexpr,
+                                BLOCK: tl.constexpr, PARTIALS: tl.constexpr):
+        # grid and spans as in _amax_kernel; every program finishes the amax reduction
+        # itself (a few KB from L2), so no host-side op sits between the two kernels.
         q_ty = q_ptr.dtype.element_ty
         pid, expert = tl.program_id(0), tl.program_id(1)
-        offset = expert.to(tl.int64) * numel
-        idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = idx < numel
-        inv = tl.load(inv_ptr + expert)
-        x = tl.load(x_ptr + offset + idx, mask=mask, other=0.0).to(tl.float32)
-        tl.store(q_ptr + offset + idx, _scaled_clamped(x, inv, FP8_MAX).to(q_ty),
-                 mask=mask)
+        part = tl.arange(0, PARTIALS)
+        amax = tl.load(amax_ptr + expert * num_partials + part, mask=part < num_partials,
+                       other=0.0)
+        scale, inv = _scale_and_inv(tl.reduce(amax, 0, _max_nan), FP8_MAX, MIN_AMAX)
+        if pid == 0:
+            tl.store(scale_ptr + expert, scale)
+        base = expert.to(tl.int64) * numel
+        start = pid.to(tl.int64) * span
+        for off in range(0, span, BLOCK):
+            idx = start + off + tl.arange(0, BLOCK)
+            mask = idx < numel
+            x = tl.load(x_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
+            tl.store(q_ptr + base + idx, _scaled_clamped(x, inv, FP8_MAX).to(q_ty), mask=mask)
 
     @triton.jit
     def _quantize_channel_kernel(x_ptr, q_ptr, scale_ptr, rows, K, FP8_MAX: tl.constexpr,
