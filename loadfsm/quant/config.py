@@ -28,7 +28,9 @@ class Fp8Config:
         granularity: one scale per tensor (per expert for stacked experts), per output
             row ("channel"), or per ``block_size`` tile of the ``[N, K]`` weight.
         block_size: ``(rows, cols)`` of a tile when ``granularity == "block"``.
-        exclude: module names left unquantized. A pattern matches fnmatch-style against
+        exclude: module names left unquantized. The default keeps ``lm_head`` and MoE
+            routers (``*.mlp.gate``, ``*.router``) in full precision: FP8 error in a
+            router flips top-k expert choices, a discrete error far larger than rounding. A pattern matches fnmatch-style against
             the full module name, or as a plain dotted suffix ("lm_head" matches
             "model.lm_head").
 
@@ -38,7 +40,7 @@ class Fp8Config:
 
     granularity: Literal["tensor", "channel", "block"] = "tensor"
     block_size: tuple[int, int] = (128, 128)
-    exclude: tuple[str, ...] = ("lm_head",)
+    exclude: tuple[str, ...] = ("lm_head", "*.mlp.gate", "*.router")
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
