@@ -78,7 +78,7 @@ def _open_source(session: LoadSession, source, load_format: str, seed: int):
             raise ValueError("load_format='dummy' takes no source")
         return DummySource(planned_entries(session), device=session.device, seed=seed)
     if isinstance(source, (str, Path)):
-        return SafetensorsSource(source)
+        return SafetensorsSource(source, device=session.device)
     if source is None:
         raise ValueError("source is None; pass a checkpoint path or load_format='dummy'")
     return IteratorSource(source)

@@ -27,6 +27,10 @@ class TensorEntry:
     dtype: torch.dtype
     file: str | None = None
 
+    @property
+    def nbytes(self) -> int:
+        return torch.Size(self.shape).numel() * self.dtype.itemsize
+
 
 @dataclass
 class Plan:

@@ -144,7 +144,8 @@ class LoadSession:
             self._materialize(rec)
         src, dst = rec.fire("arrive")
         target = rec.staging[rec.slot_attr(piece.param)]
-        (target[piece.region] if piece.region else target).copy_(tensor)
+        # non_blocking: a pinned source buffer overlaps the copy with the next read.
+        (target[piece.region] if piece.region else target).copy_(tensor, non_blocking=True)
         rec.missing.discard(name)
         rec.arrived += 1
         self._bytes_read += nbytes(tensor)
@@ -190,7 +191,13 @@ class LoadSession:
         if padded and not rec.reloading:
             self.tracer.event("layer_padded", layer=rec.name, tensors=padded)
         if rec.defaulted:
-            rec.handler.defaults(rec, [rec.pieces[n] for n in rec.defaulted])
+            self._default(rec, rec.defaulted)
+
+    def _default(self, rec: LayerRecord, names: list[str]) -> None:
+        """Let the handler fill absent optional pieces; the trace names them."""
+        rec.handler.defaults(rec, [rec.pieces[n] for n in names])
+        if not rec.reloading:
+            self.tracer.event("layer_defaulted", layer=rec.name, pieces=list(names))
 
     def _complete(self, rec: LayerRecord, trigger: str) -> None:
         src, dst = rec.fire(trigger)
@@ -270,13 +277,13 @@ class LoadSession:
             if rec.state is LayerState.FINALIZED or rec.required_missing():
                 continue
             if rec.missing:                   # only optional pieces left: defaults
-                rec.defaulted.extend(sorted(rec.missing))
+                absent = sorted(rec.missing)
+                rec.defaulted.extend(absent)
                 rec.missing.clear()
                 if rec.state is LayerState.PARTIAL:
-                    rec.handler.defaults(rec, [rec.pieces[n] for n in rec.defaulted])
+                    self._default(rec, absent)
             if rec.state is LayerState.META:
-                self._materialize(rec)
-            self.tracer.event("layer_defaulted", layer=rec.name, pieces=rec.defaulted)
+                self._materialize(rec)        # applies every default of the layer
             self._complete(rec, "default")
         self._compute_buffers()
         missing = self._missing()

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from structlog.testing import capture_logs
 
 import loadfsm
 from loadfsm.cli import main as cli_main
@@ -45,7 +46,6 @@ def test_every_layer_finalized(name, quant):
 @pytest.mark.parametrize("name", list(MODELS), ids=list(MODELS))
 def test_fp8_layers_pass_quantized_with_real_scales(name):
     """With fp8, every linear and expert block goes QUANTIZED -> FINALIZED with finite, non-zero scales."""
-    from structlog.testing import capture_logs
     with capture_logs() as logs:
         model, _ = _dummy(MODELS[name], "fp8", trace=True)
     fp8 = {n: m for n, m in model.named_modules() if isinstance(m, (Fp8Linear, Fp8StackedExperts))}
@@ -91,7 +91,7 @@ def test_different_seed_differs():
 def test_weights_are_small_uniform_in_checkpoint_dtype():
     """Dummy weights are bf16 (the checkpoint dtype), within the small uniform range, not constant."""
     model, _ = _dummy("tiny", None)
-    weight = model.model.layers[0].self_attn.qkv_proj.weight
+    weight = model.model.layers[0].self_attn.qkv_proj.weight.detach()
     assert weight.dtype == torch.bfloat16
     assert float(weight.abs().max()) <= 1e-3 and float(weight.std()) > 0
 

@@ -8,6 +8,9 @@ groups the pieces of one layer even when shards interleave them.
 from __future__ import annotations
 
 import json
+import mmap
+import struct
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -16,6 +19,9 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import CorruptCheckpointError, DuplicateWeightError
 from ..plan import TensorEntry
+from .pinned import PinnedRing
+
+PINNED_MAX_BYTES = 1 << 30   # larger tensors go through pageable memory
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -30,8 +36,10 @@ _DTYPES = {
 class SafetensorsSource:
     """Streams tensors from safetensors files; never reads a whole shard at once."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, device: torch.device | str | None = None):
         self.path = Path(path)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._maps: dict[str, tuple[mmap.mmap, int, dict]] = {}
         self._index: dict[str, str] = {}
         self._files = self._resolve_files()
         self._handles: dict[str, object] = {}
@@ -102,14 +110,53 @@ class SafetensorsSource:
 
     def read(self, order: Iterable[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
         entries = self.entries()
-        for name in (entries if order is None else order):
-            file = entries[name].file
-            try:
-                tensor = self._open(file).get_tensor(name)
-            except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-                raise CorruptCheckpointError(f"cannot read tensor: {exc}", tensor=name,
-                                             file=file) from exc
-            yield name, tensor
+        names = list(entries if order is None else order)
+        if self.device.type == "cuda":
+            yield from self._read_pinned(names)
+            return
+        for name in names:
+            yield name, self._get(name)
+
+    def _get(self, name: str) -> torch.Tensor:
+        file = self._entries[name].file
+        try:
+            return self._open(file).get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CorruptCheckpointError(f"cannot read tensor: {exc}", tensor=name,
+                                         file=file) from exc
+
+    def _read_pinned(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Zero-copy views of the mapped files, staged through pinned buffers.
+
+        safetensors offers no zero-copy view, so the data offsets come from the
+        header it already validated (8-byte length, JSON, then the data).
+        """
+        largest = max((self._entries[n].nbytes for n in names), default=0)
+        ring = PinnedRing(min(largest, PINNED_MAX_BYTES), self.device) if largest else None
+        for name in names:
+            view = self._view(name)
+            if ring is None or view.numel() * view.element_size() > ring.nbytes:
+                yield name, view
+                continue
+            yield name, ring.stage(view)
+            ring.release()   # the consumer has enqueued its copy from the buffer by now
+
+    def _view(self, name: str) -> torch.Tensor:
+        entry = self._entries[name]
+        mapped = self._maps.get(entry.file)
+        if mapped is None:
+            with open(entry.file, "rb") as f:
+                buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            (header_len,) = struct.unpack("<Q", buf[:8])
+            header = json.loads(buf[8:8 + header_len])
+            mapped = self._maps[entry.file] = (buf, 8 + header_len, header)
+        buf, base, header = mapped
+        start, end = header[name]["data_offsets"]
+        with warnings.catch_warnings():   # read-only map: we never write through the view
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(buf, dtype=torch.uint8, count=end - start,
+                                    offset=base + start)
+        return flat.view(entry.dtype).view(entry.shape)
 
     def file_of(self, name: str) -> str | None:
         entry = (self._entries or {}).get(name)
@@ -117,3 +164,4 @@ class SafetensorsSource:
 
     def close(self) -> None:
         self._handles.clear()
+        self._maps.clear()
