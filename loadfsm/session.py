@@ -25,6 +25,7 @@ from .errors import DuplicateWeightError, IncompleteLoadError, UnexpectedWeightE
 from .handlers.base import HANDLERS, Handler
 from .layer import LayerRecord
 from .ledger import MemoryLedger, nbytes
+from .pieces import Piece
 from .plan import TensorEntry, check_fits, plan_layers
 from .quant.config import resolve_quant
 from .handlers.fp8 import quant_name
@@ -59,6 +60,8 @@ class LoadSession:
         self.strict = strict
         self.max_in_flight = max_in_flight
         self.on_layer_done = on_layer_done
+        # Reload with atomic="model": quantized layers wait here instead of committing.
+        self.held: list[LayerRecord] | None = None
         self.tracer = Tracer(trace)
         self.ledger = MemoryLedger()
         self.handlers = self._build_handlers()
@@ -140,17 +143,33 @@ class LoadSession:
             raise DuplicateWeightError("piece arrived twice", tensor=name,
                                        file=self.file_of(name), layer=rec.name)
         check_fits(rec, piece, tensor.shape, tensor.dtype, self.file_of(name))
+        self._fill(rec, piece, tensor, (name,), piece=name, shard=piece.shard,
+                   expert=piece.expert)
+
+    def arrive_param(self, rec: LayerRecord, param: str, tensor: torch.Tensor,
+                     names: tuple[str, ...]) -> None:
+        """One tensor for the whole of ``param`` (a trainer's own parameter name).
+
+        It covers every piece in ``names`` (the pieces of ``param``), fused shards included.
+        """
+        if any(name not in rec.missing for name in names):
+            raise DuplicateWeightError("piece arrived twice", tensor=param, layer=rec.name)
+        whole = Piece(param, param)
+        check_fits(rec, whole, tensor.shape, tensor.dtype, None)
+        self._fill(rec, whole, tensor, names, piece=param)
+
+    def _fill(self, rec: LayerRecord, piece: Piece, tensor: torch.Tensor,
+              names: tuple[str, ...], **extra) -> None:
         if rec.state is LayerState.META:
             self._materialize(rec)
         src, dst = rec.fire("arrive")
         target = rec.staging[rec.slot_attr(piece.param)]
         # non_blocking: a pinned source buffer overlaps the copy with the next read.
         (target[piece.region] if piece.region else target).copy_(tensor, non_blocking=True)
-        rec.missing.discard(name)
+        rec.missing.difference_update(names)
         rec.arrived += 1
         self._bytes_read += nbytes(tensor)
-        self._transition(rec, src, dst, "arrive", piece=name, shard=piece.shard,
-                         expert=piece.expert)
+        self._transition(rec, src, dst, "arrive", **extra)
         if not rec.missing:
             self._complete(rec, "complete")
 
@@ -203,7 +222,42 @@ class LoadSession:
         src, dst = rec.fire(trigger)
         self._transition(rec, src, dst, trigger)
         self.quantize(rec)
-        self.finalize(rec)
+        if rec.reloading and self.held is not None:
+            self.held.append(rec)        # committed together once every layer is ready
+        else:
+            self.finalize(rec)
+
+    def complete_with_defaults(self, rec: LayerRecord) -> None:
+        """L6: complete a layer whose pieces still due are all optional, with defaults."""
+        if rec.missing:
+            absent = sorted(rec.missing)
+            rec.defaulted.extend(absent)
+            rec.missing.clear()
+            if rec.state is LayerState.PARTIAL:
+                self._default(rec, absent)
+        if rec.state is LayerState.META:
+            self._materialize(rec)        # applies every default of the layer
+        self._complete(rec, "default")
+
+    # -- reload (RL weight sync) ----------------------------------------------------
+    def reload(self, rec: LayerRecord) -> None:
+        """FINALIZED -> META: expect every piece again; the live kernel tensors stay put."""
+        src, dst = rec.fire("reload")
+        rec.reloading = True
+        rec.missing = set(rec.pieces)
+        rec.defaulted = []
+        rec.arrived = 0
+        self._transition(rec, src, dst, "reload")
+
+    def rollback(self, rec: LayerRecord) -> None:
+        """A reload that cannot finish: free its staging and results, keep the live tensors."""
+        self.ledger.free_staging(rec.staging_bytes + (rec.final_bytes if rec.results else 0))
+        rec.staging, rec.results, rec.staging_bytes = {}, {}, 0
+        rec.missing.clear()
+        rec.reloading = False
+        self.in_flight.pop(rec.name, None)
+        src, dst = rec.fire("rollback")
+        self._transition(rec, src, dst, "rollback")
 
     def quantize(self, rec: LayerRecord) -> None:
         """L4: check and quantize a COMPLETE layer, then free its staging."""
@@ -212,10 +266,10 @@ class LoadSession:
         staging_ids = {id(t) for t in rec.staging.values()}
         shared = sum(nbytes(t) for t in results.values() if id(t) in staging_ids)
         produced = sum(nbytes(t) for t in results.values())
-        self.ledger.free_staging(shared)
         if rec.reloading:
             self.ledger.add_staging(produced - shared)   # held until copied into live tensors
         else:
+            self.ledger.free_staging(shared)
             self.ledger.add_final(produced)
         self.ledger.free_staging(rec.staging_bytes - shared)
         rec.results, rec.staging, rec.staging_bytes = results, {}, 0
@@ -276,15 +330,7 @@ class LoadSession:
         for rec in self.plan.layers.values():
             if rec.state is LayerState.FINALIZED or rec.required_missing():
                 continue
-            if rec.missing:                   # only optional pieces left: defaults
-                absent = sorted(rec.missing)
-                rec.defaulted.extend(absent)
-                rec.missing.clear()
-                if rec.state is LayerState.PARTIAL:
-                    self._default(rec, absent)
-            if rec.state is LayerState.META:
-                self._materialize(rec)        # applies every default of the layer
-            self._complete(rec, "default")
+            self.complete_with_defaults(rec)
         self._compute_buffers()
         missing = self._missing()
         for name in missing:                  # incomplete layers keep no staging
@@ -293,6 +339,7 @@ class LoadSession:
             rec.staging, rec.staging_bytes = {}, 0
             self.in_flight.pop(name, None)
         report = self.report(missing)
+        report.session = self         # reachable for WeightSync; not a report field
         if missing:
             self.tracer.warning("load_incomplete", missing=missing)
         self.tracer.event("load_complete", **{k: v for k, v in report.to_dict().items()
