@@ -9,10 +9,11 @@ from .quant.config import Fp8Config
 from .report import LoadReport
 from .session import LoadSession
 from .states import LayerState
+from .sync import SyncReport, WeightSync
 
 __all__ = [
     "load", "LoadSession", "LoadReport", "LayerState", "Fp8Config",
     "LoadError", "IllegalTransitionError", "CorruptCheckpointError", "UnexpectedWeightError",
     "DuplicateWeightError", "ShapeMismatchError", "DtypeMismatchError",
-    "NonFiniteWeightError", "IncompleteLoadError", "PushError",
+    "NonFiniteWeightError", "IncompleteLoadError", "PushError", "WeightSync", "SyncReport",
 ]

@@ -34,8 +34,12 @@ def load(model: nn.Module, source: str | Path | Iterable | None, *, quant=None,
         load_format: ``"auto"``, ``"safetensors"`` or ``"dummy"`` (seeded random weights).
         seed: seed of the dummy format.
         trace: ``True`` (structlog events), a JSONL path, or ``None``.
-        strict: raise on missing/unexpected tensors; else report them. Layers left
-            incomplete stay PARTIAL with their parameters on ``meta``.
+        strict: raise on missing/unexpected tensors; else report them (``report.missing``,
+            ``report.unexpected``) and log a warning. A layer left incomplete is never
+            finalized: its parameters stay on ``meta`` (its module is not swapped) and its
+            staging is freed. It stays META when the headers showed the gap before
+            reading (a safetensors checkpoint), PARTIAL when an iterator fed it some
+            pieces; ``report.layer_states`` says which.
         max_in_flight: warn once when more layers than this are partially loaded.
         progress: show a progress bar (tqdm) over layers.
 

@@ -158,14 +158,14 @@ class LoadSession:
         check_fits(rec, whole, tensor.shape, tensor.dtype, None)
         self._fill(rec, whole, tensor, names, piece=param)
 
-    def _fill(self, rec: LayerRecord, piece: Piece, tensor: torch.Tensor,
+    def _fill(self, rec: LayerRecord, into: Piece, tensor: torch.Tensor,
               names: tuple[str, ...], **extra) -> None:
         if rec.state is LayerState.META:
             self._materialize(rec)
         src, dst = rec.fire("arrive")
-        target = rec.staging[rec.slot_attr(piece.param)]
+        target = rec.staging[rec.slot_attr(into.param)]
         # non_blocking: a pinned source buffer overlaps the copy with the next read.
-        (target[piece.region] if piece.region else target).copy_(tensor, non_blocking=True)
+        (target[into.region] if into.region else target).copy_(tensor, non_blocking=True)
         rec.missing.difference_update(names)
         rec.arrived += 1
         self._bytes_read += nbytes(tensor)
@@ -342,6 +342,8 @@ class LoadSession:
         report.session = self         # reachable for WeightSync; not a report field
         if missing:
             self.tracer.warning("load_incomplete", missing=missing)
+        if self.unexpected:
+            self.tracer.warning("unexpected_weights", names=sorted(self.unexpected))
         self.tracer.event("load_complete", **{k: v for k, v in report.to_dict().items()
                                               if k != "layer_states"})
         self.tracer.close()

@@ -7,7 +7,8 @@ writes them as JSON lines to that file through a logger of our own. Warnings
 always go to the application's structlog logger as well.
 
 Event names: ``layer_transition``, ``layer_padded``, ``layer_defaulted``,
-``tied_weight``, ``layers_in_flight``, ``load_incomplete``, ``load_complete``.
+``tied_weight``, ``layers_in_flight``, ``load_incomplete``, ``unexpected_weights``,
+``load_complete``.
 """
 
 from __future__ import annotations

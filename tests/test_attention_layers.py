@@ -1,4 +1,5 @@
-"""Attention layers: kv-cache scales loaded or defaulted, rotary tables computed, never overwritten."""
+"""Attention layers: kv-cache scales loaded or defaulted; rotary tables computed, never
+overwritten."""
 
 from dataclasses import replace
 
@@ -8,7 +9,8 @@ from safetensors.torch import load_file, save_file
 from structlog.testing import capture_logs
 
 import loadfsm
-from loadfsm.models import CONFIGS, DEFAULT_KV_SCALE, build_model, reference_state_dict, write_checkpoint
+from loadfsm.models import (CONFIGS, DEFAULT_KV_SCALE, build_model, reference_state_dict,
+                            write_checkpoint)
 
 PLAIN = CONFIGS["tiny"]
 WITH_SCALES = replace(PLAIN, kv_cache_scales=True)

@@ -16,7 +16,8 @@ from loadfsm.quant.linear import Fp8Linear, Fp8StackedExperts
 
 # A config whose attention round-trips q/k/v through fp8 with its kv-cache scales.
 KV = replace(CONFIGS["tiny"], kv_cache_scales=True, fp8_kv_cache=True)
-MODELS = {"tiny": "tiny", "tiny-moe": "tiny-moe", "kv-scales": KV}
+MODELS = {"tiny": "tiny", "tiny-moe": "tiny-moe", "kv-scales": KV, "tiny-padded": "tiny-padded",
+          "tiny-tied": "tiny-tied"}
 QUANTS = ["fp8", None]
 
 
@@ -45,7 +46,7 @@ def test_every_layer_finalized(name, quant):
 
 @pytest.mark.parametrize("name", list(MODELS), ids=list(MODELS))
 def test_fp8_layers_pass_quantized_with_real_scales(name):
-    """With fp8, every linear and expert block goes QUANTIZED -> FINALIZED with finite, non-zero scales."""
+    """With fp8, linears and experts go QUANTIZED -> FINALIZED with finite non-zero scales."""
     with capture_logs() as logs:
         model, _ = _dummy(MODELS[name], "fp8", trace=True)
     fp8 = {n: m for n, m in model.named_modules() if isinstance(m, (Fp8Linear, Fp8StackedExperts))}
@@ -71,10 +72,26 @@ def test_dummy_kv_scales_take_their_default():
     assert bool(torch.isfinite(logits).all())
 
 
+def test_dummy_padding_rows_are_zero():
+    """Dummy weights fill only the rows a checkpoint would hold; padding rows stay zero."""
+    model, _ = _dummy("tiny-padded", None)
+    vocab = CONFIGS["tiny-padded"].vocab_size
+    for weight in (model.model.embed_tokens.weight, model.lm_head.weight):
+        assert bool((weight[vocab:] == 0).all()) and bool((weight[:vocab] != 0).any())
+
+
+def test_dummy_tied_weights_share_storage():
+    """Dummy loading a tied model fills the shared tensor once; both modules see it."""
+    model, report = _dummy("tiny-tied", "fp8")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert report.tied == {"lm_head.weight": "model.embed_tokens.weight"}
+
+
 @pytest.mark.parametrize("quant", QUANTS, ids=["fp8", "bf16"])
 def test_same_seed_is_bit_identical(quant):
     """Two dummy loads with the same seed give bit-identical tensors."""
-    a, b = _state(_dummy("tiny-moe", quant, seed=3)[0]), _state(_dummy("tiny-moe", quant, seed=3)[0])
+    a = _state(_dummy("tiny-moe", quant, seed=3)[0])
+    b = _state(_dummy("tiny-moe", quant, seed=3)[0])
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -89,7 +106,7 @@ def test_different_seed_differs():
 
 
 def test_weights_are_small_uniform_in_checkpoint_dtype():
-    """Dummy weights are bf16 (the checkpoint dtype), within the small uniform range, not constant."""
+    """Dummy weights are bf16 (the checkpoint dtype), small, uniform and not constant."""
     model, _ = _dummy("tiny", None)
     weight = model.model.layers[0].self_attn.qkv_proj.weight.detach()
     assert weight.dtype == torch.bfloat16
@@ -99,7 +116,7 @@ def test_weights_are_small_uniform_in_checkpoint_dtype():
 @pytest.mark.parametrize("quant", QUANTS, ids=["fp8", "bf16"])
 @pytest.mark.parametrize("name", list(MODELS), ids=list(MODELS))
 def test_peak_bound_holds(name, quant):
-    """Ledger peak <= final + largest layer + 5%, the same bound as a real load; one layer in flight."""
+    """Ledger peak <= final + largest layer + 5%, as for a real load; one layer in flight."""
     _, report = _dummy(MODELS[name], quant)
     bound = (report.final_bytes + report.largest_layer_bytes) * 1.05
     assert report.peak_bytes <= bound, (report.peak_bytes, bound)

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from structlog.testing import capture_logs
 
 import loadfsm
@@ -85,7 +85,8 @@ def test_logits_equal_unpadded_reference(padded_ckpt):
     """A padded bf16 load gives the logits of the unpadded reference model."""
     model, _, _ = _load(PADDED, padded_ckpt)
     reference = load_reference_model(replace(PADDED, pad_vocab_to=1))
-    tokens = torch.randint(0, PADDED.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, PADDED.vocab_size, (2, 16), generator=gen)
     with torch.no_grad():
         got, want = model(tokens), reference(tokens)
     assert got.shape == want.shape == (2, 16, PADDED.vocab_size)

@@ -1,0 +1,221 @@
+"""RL weight sync: push new weights into a loaded model, in place, layer by layer.
+
+Steps of one push, cited below as P1..P5:
+  P1 resolve each pushed name to its layer (checkpoint name or the model's own
+     parameter name; one dict lookup);
+  P2 the first tensor of a layer fires ``reload`` (FINALIZED -> META): the layer
+     expects every piece again, its live kernel tensors stay where they are;
+  P3 arrivals run the load path: staging, arrive, complete, quantize (results held
+     aside, counted as extra bytes);
+  P4 finalize commits: the handler copies the results into the live tensors, so
+     every data_ptr, shape, stride and dtype is kept and captured CUDA graphs stay valid;
+  P5 at the end, a touched layer still missing required pieces, or any exception,
+     rolls back what is in flight (``rollback`` -> FINALIZED, old weights) and raises
+     ``PushError`` listing the layers that did commit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .errors import PushError
+from .layer import LayerRecord
+from .ledger import nbytes
+from .report import LoadReport
+from .session import LoadSession
+from .sources.push import PushRoutes
+from .states import LayerState
+from .trace import Tracer
+
+ATOMIC_MODES = ("layer", "model")
+
+
+@dataclass
+class SyncReport:
+    """Figures of one push.
+
+    ``peak_extra_bytes`` is the most the session held beyond the loaded model during
+    the push (staging plus quantized results not yet committed), from its ledger.
+    """
+
+    layers_updated: int
+    bytes_received: int
+    tensors_received: int
+    seconds: float
+    peak_extra_bytes: int
+    committed: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class WeightSync:
+    """Pushes new (bf16) weights into a model loaded by ``loadfsm.load``, in place.
+
+    The sync drives the layers of the load's own ``LoadSession``: after an FP8 load the
+    model holds ``Fp8Linear`` modules, so re-planning from it would not give the bf16
+    slots and pieces a trainer pushes. ``loadfsm.load`` therefore returns a report whose
+    ``session`` attribute is that session; pass it here (or pass the report itself).
+    All per-layer state stays in the session's records.
+
+    Args:
+        model: the model ``session`` loaded.
+        session: the ``LoadSession`` of that load, or the ``LoadReport`` it returned.
+        atomic: ``"layer"`` (default): each layer commits as soon as its new tensors are
+            complete and quantized, so at most a layer or two of extra memory is held.
+            ``"model"``: nothing commits until every touched layer is quantized; the
+            push then holds the quantized copies of all touched layers at once (about
+            the size of the loaded model's touched part) and, on failure, commits none.
+        device: the device of the loaded model (defaults to the session's); a receiver
+            puts its buckets there.
+        trace: as in ``loadfsm.load``: ``True``, a JSONL path, or ``None``.
+
+    Raises:
+        ValueError: ``session`` did not load ``model``, a layer is not FINALIZED, or an
+            unknown ``atomic`` mode.
+    """
+
+    def __init__(self, model: nn.Module, *, session: LoadSession | LoadReport,
+                 atomic: str = "layer", device=None, trace=None):
+        if isinstance(session, LoadReport):
+            session = session.session
+        if session.model is not model:
+            raise ValueError("session did not load this model; pass the session (or "
+                             "report) that loadfsm.load returned for it")
+        if atomic not in ATOMIC_MODES:
+            raise ValueError(f"atomic must be one of {ATOMIC_MODES}, got {atomic!r}")
+        if device is not None and torch.device(device) != session.device:
+            raise ValueError(f"model was loaded on {session.device}, not {device}")
+        unfinished = [rec.name for rec in session.plan.layers.values()
+                      if rec.state is not LayerState.FINALIZED]
+        if unfinished:
+            raise ValueError(f"layers not FINALIZED cannot take pushes: {unfinished}")
+        self.model, self.session, self.atomic = model, session, atomic
+        self.device = session.device
+        session.tracer = Tracer(trace)
+        session.on_layer_done = None          # the load's progress bar is gone
+        self._routes = PushRoutes(session.plan)
+
+    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncReport:
+        """Load ``(name, tensor)`` pairs into the live model, in place.
+
+        Names are checkpoint names (fused pieces included) or the model's own parameter
+        names (one tensor covering the whole parameter). Layers not named keep their
+        weights. Cost: O(tensors pushed + pieces of the touched layers).
+
+        Returns:
+            A ``SyncReport``.
+
+        Raises:
+            PushError: a touched layer did not receive all its pieces, or the push failed
+                midway (the cause is chained). Layers still in flight keep their old
+                weights; ``committed`` lists those that took new ones. Retrying succeeds.
+        """
+        session, ledger = self.session, self.session.ledger
+        t0 = time.perf_counter()
+        base, outer_peak = ledger.staging + ledger.final, ledger.peak
+        ledger.peak = base
+        touched: dict[str, LayerRecord] = {}
+        committed: list[str] = []
+        received = count = 0
+        current: str | None = None
+        session.held = [] if self.atomic == "model" else None
+        try:
+            try:
+                for current, tensor in named_tensors:
+                    with torch.no_grad():     # trainer tensors may require grad
+                        self._arrive(current, tensor.detach(), touched, committed)
+                    received += nbytes(tensor)
+                    count += 1
+                    current = None
+                with torch.no_grad():
+                    missing = self._settle(touched, committed)
+            except BaseException as exc:
+                rolled = self._roll_back(touched)
+                if not isinstance(exc, Exception):
+                    raise
+                where = (f"at tensor {current!r}" if current is not None
+                         else f"after {count} tensor(s)")
+                raise PushError(f"push failed {where}: {type(exc).__name__}: {exc}; "
+                                f"rolled back {rolled}; committed {committed}",
+                                committed=list(committed), tensor=current,
+                                layer=getattr(exc, "layer", None)) from exc
+            if missing:
+                rolled = self._roll_back(touched)
+                lines = [f"  {layer}: missing {', '.join(names)}"
+                         for layer, names in missing.items()]
+                raise PushError(f"{len(missing)} pushed layer(s) did not receive all their "
+                                "pieces and keep their old weights:\n" + "\n".join(lines)
+                                + f"\nrolled back {rolled}; committed {committed}",
+                                committed=list(committed), layer=next(iter(missing)))
+            with torch.no_grad():
+                for rec in session.held or ():                  # atomic="model": P4
+                    session.finalize(rec)
+                    committed.append(rec.name)
+        finally:
+            session.held = None
+            peak_extra = ledger.peak - base
+            ledger.peak = max(outer_peak, ledger.peak)
+        report = SyncReport(layers_updated=len(committed), bytes_received=received,
+                            tensors_received=count, seconds=time.perf_counter() - t0,
+                            peak_extra_bytes=peak_extra, committed=committed)
+        session.tracer.event("push_complete", **report.to_dict())
+        return report
+
+    def _arrive(self, name: str, tensor: torch.Tensor, touched: dict[str, LayerRecord],
+                committed: list[str]) -> None:
+        route = self._routes.resolve(name, tensor.shape)                   # P1
+        rec = route.rec
+        if rec.name not in touched:
+            touched[rec.name] = rec
+            self.session.reload(rec)                                       # P2
+        elif route.tied and not self._due(rec, route):
+            # The other name of a tied tensor already fed it in this push.
+            self.session.tracer.event("tied_weight", alias=name, canonical=route.name,
+                                      skipped=True)
+            return
+        if route.param is None:                                            # P3, P4
+            self.session.arrive(route.name, tensor)
+        else:
+            self.session.arrive_param(rec, route.param, tensor, route.pieces)
+        if rec.state is LayerState.FINALIZED:
+            committed.append(rec.name)
+
+    @staticmethod
+    def _due(rec: LayerRecord, route) -> bool:
+        names = route.pieces if route.param is not None else (route.name,)
+        return all(name in rec.missing for name in names)
+
+    def _settle(self, touched: dict[str, LayerRecord],
+                committed: list[str]) -> dict[str, list[str]]:
+        """Default optional pieces of touched layers; return those missing required ones."""
+        missing = {}
+        for rec in touched.values():
+            if rec.state not in (LayerState.META, LayerState.PARTIAL):
+                continue
+            due = rec.required_missing()
+            if due:
+                missing[rec.name] = due
+                continue
+            self.session.complete_with_defaults(rec)
+            if rec.state is LayerState.FINALIZED:
+                committed.append(rec.name)
+        return missing
+
+    def _roll_back(self, touched: dict[str, LayerRecord]) -> list[str]:
+        """P5: every touched layer not committed returns to FINALIZED with old weights."""
+        rolled = [rec for rec in touched.values() if rec.state is not LayerState.FINALIZED]
+        for rec in rolled:
+            self.session.rollback(rec)
+        if rolled:
+            self.session.tracer.event("push_rolled_back", layers=[r.name for r in rolled])
+        return [rec.name for rec in rolled]
+
+    def close(self) -> None:
+        """Close the trace file, if the sync writes one."""
+        self.session.tracer.close()

@@ -1,0 +1,336 @@
+"""RL weight sync: pushes re-quantize in place, bit-exact, atomic per layer, linear cost."""
+
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+from structlog.testing import capture_logs
+from torch import nn
+
+import loadfsm
+from loadfsm.models import CONFIGS, build_model, load_reference_model, reference_state_dict
+
+# Shapes small enough that every behaviour test runs in well under a second.
+SMALL = replace(CONFIGS["tiny"], vocab_size=256, hidden_size=64, intermediate_size=128,
+                num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=16)
+SMALL_MOE = replace(SMALL, num_experts=4, experts_per_token=2, moe_intermediate_size=64)
+QKV0 = "model.layers.0.self_attn.qkv_proj"
+
+
+def _load(config, state, quant="fp8"):
+    model = build_model(config)
+    report = loadfsm.load(model, state.items(), quant=quant, device="cpu")
+    return model, report
+
+
+def _bits(tensor):
+    return tensor.detach().reshape(-1).view(torch.uint8)
+
+
+def _same(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
+
+
+def _snapshot(model):
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+def _addresses(model):
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return {name: (t.data_ptr(), t.shape, t.stride(), t.dtype) for name, t in tensors.items()}
+
+
+def _assert_equal_models(model, expected):
+    got = model.state_dict()
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert _same(got[name], tensor), name
+
+
+def _layer_of(name):
+    return name.rpartition(".")[0]
+
+
+def _layers_old_or_new(model, old, new):
+    """Per layer, 'old' or 'new'; fails when a layer mixes both or matches neither."""
+    verdict = {}
+    for name, tensor in model.state_dict().items():
+        is_old, is_new = _same(tensor, old[name]), _same(tensor, new[name])
+        kinds = {k for k, hit in (("old", is_old), ("new", is_new)) if hit}
+        assert kinds, f"{name} is neither old nor new"
+        layer = _layer_of(name)
+        seen = verdict.setdefault(layer, kinds)
+        verdict[layer] = seen & kinds
+        assert verdict[layer], f"layer {layer} mixes old and new tensors"
+    return {layer: ("new" if kinds == {"new"} else "old") for layer, kinds in verdict.items()
+            if kinds != {"old", "new"}}
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    """Fresh loads by (config, seed, quant), built once per module."""
+    cache = {}
+
+    def get(config, seed, quant="fp8"):
+        key = (config, seed, quant)
+        if key not in cache:
+            cache[key] = _snapshot(_load(config, reference_state_dict(config, seed), quant)[0])
+        return cache[key]
+
+    return get
+
+
+def _engine(config, quant="fp8", **kwargs):
+    model, report = _load(config, reference_state_dict(config, 0), quant)
+    return model, loadfsm.WeightSync(model, session=report, **kwargs)
+
+
+@pytest.mark.parametrize("config", ["tiny", "tiny-moe"])
+@pytest.mark.parametrize("quant", ["fp8", "fp8-channel"])
+def test_push_matches_fresh_load(config, quant):
+    """Load seed 0, push seed 1: every tensor bit-identical to a fresh load of seed 1."""
+    model, sync = _engine(config, quant)
+    new = reference_state_dict(config, 1)
+    sync.push(new.items())
+    _assert_equal_models(model, _snapshot(_load(config, new, quant)[0]))
+
+
+@pytest.mark.parametrize("quant", [None, "fp8", "fp8-channel", "fp8-block"],
+                         ids=["bf16", "fp8", "fp8-channel", "fp8-block"])
+@pytest.mark.parametrize("config", [SMALL, SMALL_MOE], ids=["dense", "moe"])
+def test_push_keeps_every_address(config, quant):
+    """No parameter or buffer changes data_ptr, shape, stride or dtype across a push."""
+    model, sync = _engine(config, quant)
+    before = _addresses(model)
+    sync.push(reference_state_dict(config, 1).items())
+    assert _addresses(model) == before
+
+
+def test_push_leaves_non_persistent_buffers_untouched():
+    """Rotary cos/sin tables keep their values (no checkpoint tensor feeds them)."""
+    model, sync = _engine(SMALL)
+    rotary = {n: b.clone() for n, b in model.named_buffers() if "cached" in n}
+    sync.push(reference_state_dict(SMALL, 1).items())
+    assert rotary and all(torch.equal(rotary[n], b) for n, b in model.named_buffers()
+                          if n in rotary)
+
+
+@pytest.mark.parametrize("config", [SMALL, SMALL_MOE], ids=["dense", "moe"])
+def test_push_by_parameter_names_matches_fresh_load(config, fresh):
+    """A trainer's named_parameters() (fused qkv, stacked experts) give the fresh load."""
+    model, sync = _engine(config)
+    trainer = load_reference_model(config, seed=1)
+    report = sync.push(trainer.named_parameters())
+    _assert_equal_models(model, fresh(config, 1))
+    assert report.layers_updated == len(sync.session.plan.layers)
+
+
+EDGE_CASES = {"tied": replace(SMALL, tie_embeddings=True),
+              "padded": replace(SMALL, vocab_size=250, pad_vocab_to=64),
+              "tied-padded": replace(SMALL, vocab_size=250, pad_vocab_to=64,
+                                     tie_embeddings=True),
+              "kv-scales": replace(SMALL, kv_cache_scales=True)}
+
+
+@pytest.mark.parametrize("naming", ["checkpoint", "parameters"])
+@pytest.mark.parametrize("config", list(EDGE_CASES.values()), ids=list(EDGE_CASES))
+def test_push_handles_tied_padded_and_kv_scales(config, naming, fresh):
+    """Tied embeddings, padded vocab rows and kv scales sync bit-exactly by either naming."""
+    model, sync = _engine(config)
+    if naming == "checkpoint":
+        sync.push(reference_state_dict(config, 1).items())
+    else:
+        sync.push(load_reference_model(config, seed=1).named_parameters())
+    _assert_equal_models(model, fresh(config, 1))
+
+
+def test_pushed_layer_transition_sequence_is_exact():
+    """A pushed fused layer logs reload, arrive x3, complete, quantize, finalize."""
+    model, report = _load(SMALL, reference_state_dict(SMALL, 0))
+    sync = loadfsm.WeightSync(model, session=report, trace=True)
+    with capture_logs() as logs:
+        sync.push(reference_state_dict(SMALL, 1).items())
+    steps = [(e["src"], e["dst"], e["trigger"]) for e in logs
+             if e["event"] == "layer_transition" and e["layer"] == QKV0]
+    assert steps == [
+        ("FINALIZED", "META", "reload"), ("META", "PARTIAL", "arrive"),
+        ("PARTIAL", "PARTIAL", "arrive"), ("PARTIAL", "PARTIAL", "arrive"),
+        ("PARTIAL", "COMPLETE", "complete"), ("COMPLETE", "QUANTIZED", "quantize"),
+        ("QUANTIZED", "FINALIZED", "finalize")]
+    assert logs[-1]["event"] == "push_complete"
+
+
+def test_partial_push_leaves_untouched_layers_identical(fresh):
+    """Pushing only attention projections changes those layers and nothing else."""
+    model, sync = _engine(SMALL)
+    old = _snapshot(model)
+    new_state = reference_state_dict(SMALL, 1)
+    attn = {n: t for n, t in new_state.items() if ".self_attn." in n}
+    report = sync.push(attn.items())
+    verdict = _layers_old_or_new(model, old, fresh(SMALL, 1))
+    new_layers = sorted(layer for layer, kind in verdict.items() if kind == "new")
+    assert new_layers == sorted(report.committed)
+    assert all(".self_attn." in layer for layer in new_layers)
+    assert len(new_layers) == 2 * SMALL.num_layers        # qkv_proj and o_proj per layer
+
+
+def test_missing_piece_raises_naming_layer_and_pieces(fresh):
+    """A touched layer without its v_proj keeps its old weights; the error names both."""
+    model, sync = _engine(SMALL)
+    old = _snapshot(model)
+    state = reference_state_dict(SMALL, 1)
+    del state["model.layers.0.self_attn.v_proj.weight"]
+    with pytest.raises(loadfsm.PushError, match="v_proj") as info:
+        sync.push(state.items())
+    assert QKV0 in str(info.value) and info.value.layer == QKV0
+    verdict = _layers_old_or_new(model, old, fresh(SMALL, 1))
+    assert verdict[QKV0] == "old" and QKV0 not in info.value.committed
+    assert sorted(info.value.committed) == sorted(k for k, v in verdict.items() if v == "new")
+
+
+def test_wrong_shape_mid_push_rolls_back_and_retry_succeeds(fresh):
+    """A bad tensor halfway: every layer wholly old or new, committed listed, retry works."""
+    model, sync = _engine(SMALL)
+    old = _snapshot(model)
+    items = list(reference_state_dict(SMALL, 1).items())
+    middle = len(items) // 2
+    bad = items[:middle] + [(items[middle][0], torch.zeros(3, 3))] + items[middle + 1:]
+    with pytest.raises(loadfsm.PushError) as info:
+        sync.push(bad)
+    assert isinstance(info.value.__cause__, loadfsm.ShapeMismatchError)
+    assert info.value.tensor == items[middle][0]
+    verdict = _layers_old_or_new(model, old, fresh(SMALL, 1))
+    assert sorted(info.value.committed) == sorted(k for k, v in verdict.items() if v == "new")
+    assert info.value.committed and "old" in verdict.values()
+    sync.push(items)
+    _assert_equal_models(model, fresh(SMALL, 1))
+
+
+def test_iterator_raising_midway_rolls_back_and_retry_succeeds(fresh):
+    """The trainer's iterator raising halfway leaves layers wholly old or new; retry works."""
+    model, sync = _engine(SMALL)
+    old = _snapshot(model)
+    items = list(reference_state_dict(SMALL, 1).items())
+
+    def dropped_connection():
+        yield from items[: len(items) // 2]
+        raise ConnectionError("trainer went away")
+
+    with pytest.raises(loadfsm.PushError, match="trainer went away") as info:
+        sync.push(dropped_connection())
+    assert isinstance(info.value.__cause__, ConnectionError)
+    verdict = _layers_old_or_new(model, old, fresh(SMALL, 1))
+    assert sorted(info.value.committed) == sorted(k for k, v in verdict.items() if v == "new")
+    assert all(r.state is loadfsm.LayerState.FINALIZED and not r.staging
+               for r in sync.session.plan.layers.values())
+    assert sync.session.ledger.staging == 0
+    sync.push(items)
+    _assert_equal_models(model, fresh(SMALL, 1))
+
+
+def test_non_finite_push_rolls_back_its_layer():
+    """A NaN weight is refused before anything is committed into that layer."""
+    model, sync = _engine(SMALL)
+    old = _snapshot(model)
+    state = reference_state_dict(SMALL, 1)
+    state["model.layers.0.self_attn.k_proj.weight"][0, 0] = float("nan")
+    with pytest.raises(loadfsm.PushError) as info:
+        sync.push(state.items())
+    assert isinstance(info.value.__cause__, loadfsm.NonFiniteWeightError)
+    assert _same(model.state_dict()[f"{QKV0}.weight"], old[f"{QKV0}.weight"])
+
+
+def test_model_atomic_failure_commits_nothing():
+    """With atomic='model' a failure at the last tensor leaves the whole model old."""
+    model, sync = _engine(SMALL, atomic="model")
+    old = _snapshot(model)
+    items = list(reference_state_dict(SMALL, 1).items())
+    items[-1] = (items[-1][0], torch.zeros(1))
+    with pytest.raises(loadfsm.PushError) as info:
+        sync.push(items)
+    assert info.value.committed == []
+    _assert_equal_models(model, old)
+    assert sync.session.ledger.staging == 0
+
+
+def test_model_atomic_push_matches_fresh_load(fresh):
+    """With atomic='model' a good push commits every touched layer at the end."""
+    model, sync = _engine(SMALL, atomic="model")
+    report = sync.push(reference_state_dict(SMALL, 1).items())
+    _assert_equal_models(model, fresh(SMALL, 1))
+    assert report.layers_updated == len(report.committed) > 0
+
+
+def test_dummy_engine_then_full_push_equals_real_load(fresh):
+    """An engine started with dummy weights, after one full push, equals a real load."""
+    model = build_model(SMALL)
+    report = loadfsm.load(model, None, load_format="dummy", quant="fp8", device="cpu")
+    loadfsm.WeightSync(model, session=report).push(reference_state_dict(SMALL, 1).items())
+    _assert_equal_models(model, fresh(SMALL, 1))
+
+
+def test_sync_report_figures():
+    """Bytes received add up; extra memory stays about one layer's staging + results."""
+    model, sync = _engine(SMALL)
+    state = reference_state_dict(SMALL, 1)
+    report = sync.push(state.items())
+    assert report.bytes_received == sum(t.numel() * t.element_size() for t in state.values())
+    assert report.tensors_received == len(state)
+    largest = max(r.final_bytes for r in sync.session.plan.layers.values())
+    biggest_staging = max(t.numel() * 2 for t in state.values()) * 3   # fused qkv, say
+    assert 0 < report.peak_extra_bytes <= biggest_staging + largest
+    assert report.seconds > 0 and report.layers_updated == len(report.committed)
+    assert sync.session.ledger.staging == 0
+
+
+def test_unknown_name_raises_and_changes_nothing():
+    """A name that is neither a checkpoint tensor nor a parameter is refused."""
+    model, sync = _engine(SMALL)
+    old = _snapshot(model)
+    with pytest.raises(loadfsm.PushError, match="nonsense.weight"):
+        sync.push([("nonsense.weight", torch.zeros(2))])
+    _assert_equal_models(model, old)
+
+
+def test_sync_refuses_a_session_of_another_model():
+    """WeightSync needs the session that loaded this very model."""
+    model, report = _load(SMALL, reference_state_dict(SMALL, 0))
+    with pytest.raises(ValueError, match="did not load"):
+        loadfsm.WeightSync(build_model(SMALL), session=report)
+
+
+class ManyLinearsModel(nn.Module):
+    """Many small linears: one layer each, to time per-layer bookkeeping."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(16, 16, bias=False) for _ in range(n))
+
+
+def _many(n):
+    with torch.device("meta"):
+        model = ManyLinearsModel(n)
+    state = {f"layers.{i}.weight": torch.randn(16, 16, dtype=torch.bfloat16) for i in range(n)}
+    report = loadfsm.load(model, state.items(), quant="fp8", device="cpu")
+    return loadfsm.WeightSync(model, session=report), list(state.items())
+
+
+def _best_time(sync, items, reps=5):
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        sync.push(items)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def test_push_cost_is_linear_in_layers_pushed():
+    """8 layers in an 8-layer model vs 8 and 512 layers of a 512-layer model: linear."""
+    small, small_items = _many(8)
+    big, big_items = _many(512)
+    baseline = _best_time(small, small_items)
+    few_of_many = _best_time(big, big_items[:8])
+    all_of_many = _best_time(big, big_items, reps=2)
+    assert few_of_many < 4 * baseline            # no cost per layer of the model
+    assert all_of_many < 64 * baseline * 4       # 64x the layers, well under 256x the time
