@@ -50,7 +50,7 @@ def engine(args, device, tmp):
     model = build_model(args.config)
     report = loadfsm.load(model, reference_state_dict(args.config, seed=0).items(),
                           quant=args.quant, device=device)
-    receiver = WeightReceiver(loadfsm.WeightSync(model, session=report))
+    receiver = WeightReceiver(loadfsm.WeightSync(model))
     addresses = {n: t.data_ptr() for n, t in model.state_dict().items()}
     for step in range(args.steps):
         pushed = receiver.receive()

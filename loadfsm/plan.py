@@ -40,13 +40,23 @@ class Plan:
 
 
 def _loadable(module: nn.Module):
-    """Direct parameters and persistent buffers: what a checkpoint can feed."""
+    """What a checkpoint can feed: ``(attr, tensor, shape, dtype, is_buffer)``.
+
+    Direct parameters and persistent buffers, unless the module says otherwise
+    through ``full_precision_slots()``: an FP8 module that loadfsm installed is fed
+    the bf16 weights its FP8 tensors are made from (a weight push re-plans this way).
+    """
+    slots = getattr(module, "full_precision_slots", None)
+    if callable(slots):
+        for attr, (shape, dtype) in slots().items():
+            yield attr, getattr(module, attr), torch.Size(shape), dtype, False
+        return
     for attr, param in module._parameters.items():
         if param is not None:
-            yield attr, param, False
+            yield attr, param, param.shape, param.dtype, False
     for attr, buf in module._buffers.items():
         if buf is not None and attr not in module._non_persistent_buffers_set:
-            yield attr, buf, True
+            yield attr, buf, buf.shape, buf.dtype, True
 
 
 def plan_layers(model: nn.Module, handlers: list[Handler]) -> Plan:
@@ -56,7 +66,7 @@ def plan_layers(model: nn.Module, handlers: list[Handler]) -> Plan:
     layers: dict[str, LayerRecord] = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):
         slots: dict[str, TensorSlot] = {}
-        for attr, tensor, is_buffer in _loadable(module):
+        for attr, tensor, shape, dtype, is_buffer in _loadable(module):
             full = f"{mod_name}.{attr}" if mod_name else attr
             canonical = first_name.get(id(tensor))
             if canonical is not None:
@@ -64,7 +74,7 @@ def plan_layers(model: nn.Module, handlers: list[Handler]) -> Plan:
                     canonical.aliases.append(full)
                     tied[full] = canonical.full_name
                 continue
-            slot = TensorSlot(attr, full, tensor.shape, tensor.dtype, is_buffer)
+            slot = TensorSlot(attr, full, shape, dtype, is_buffer)
             first_name[id(tensor)] = slot
             slots[attr] = slot
         if slots:

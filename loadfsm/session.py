@@ -82,6 +82,26 @@ class LoadSession:
         for alias, canonical in self.plan.tied.items():
             self.tracer.event("tied_weight", alias=alias, canonical=canonical)
 
+    @classmethod
+    def for_loaded_model(cls, model: nn.Module, *, trace=None) -> "LoadSession":
+        """A session over a model loaded earlier (by this or another process): every
+        layer FINALIZED, its live tensors the model's own. Re-planned from the model:
+        FP8 modules report the bf16 slots they were made from, so the plan, the pieces
+        and the quantization config are those of the original load."""
+        configs = {m.config for m in model.modules() if hasattr(m, "full_precision_slots")}
+        if len(configs) > 1:
+            raise ValueError(f"model mixes FP8 configs {configs}; cannot re-plan it")
+        tensors = [t for t in model.parameters()] + [b for b in model.buffers()]
+        if any(t.is_meta for t in tensors):
+            raise ValueError("model still has tensors on meta; load it first")
+        device = tensors[0].device if tensors else default_device()
+        session = cls(model, quant=next(iter(configs), None), device=device, trace=trace)
+        for rec in session.plan.layers.values():
+            rec.state = LayerState.FINALIZED      # initial state of a live layer
+            rec.final_bytes = sum(nbytes(t) for t in rec.handler.live_tensors(rec).values())
+            session.ledger.add_final(rec.final_bytes)
+        return session
+
     def _build_handlers(self) -> list[Handler]:
         names = ["kv_scales"] + (["fp8"] if self.quant is not None else []) + ["passthrough"]
         return [HANDLERS[name](self) for name in names]

@@ -57,15 +57,17 @@ class SyncReport:
 class WeightSync:
     """Pushes new (bf16) weights into a model loaded by ``loadfsm.load``, in place.
 
-    The sync drives the layers of the load's own ``LoadSession``: after an FP8 load the
-    model holds ``Fp8Linear`` modules, so re-planning from it would not give the bf16
-    slots and pieces a trainer pushes. ``loadfsm.load`` therefore returns a report whose
-    ``session`` attribute is that session; pass it here (or pass the report itself).
+    By default the sync re-plans the loaded model (``LoadSession.for_loaded_model``):
+    FP8 modules report the bf16 slots they were made from, so layers, pieces and the
+    quantization config are those of the original load, and ``WeightSync(model)``
+    works on any model loadfsm loaded, in this process or another. Passing the load's
+    session (or the ``LoadReport``, whose ``session`` attribute it is) reuses it instead.
     All per-layer state stays in the session's records.
 
     Args:
         model: the model ``session`` loaded.
-        session: the ``LoadSession`` of that load, or the ``LoadReport`` it returned.
+        session: optional: the ``LoadSession`` of that load, or the ``LoadReport`` it
+            returned; by default the model is re-planned.
         atomic: ``"layer"`` (default): each layer commits as soon as its new tensors are
             complete and quantized, so at most a layer or two of extra memory is held.
             ``"model"``: nothing commits until every touched layer is quantized; the
@@ -80,8 +82,10 @@ class WeightSync:
             unknown ``atomic`` mode.
     """
 
-    def __init__(self, model: nn.Module, *, session: LoadSession | LoadReport,
+    def __init__(self, model: nn.Module, *, session: LoadSession | LoadReport | None = None,
                  atomic: str = "layer", device=None, trace=None):
+        if session is None:
+            session = LoadSession.for_loaded_model(model)
         if isinstance(session, LoadReport):
             session = session.session
         if session.model is not model:

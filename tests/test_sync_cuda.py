@@ -45,7 +45,7 @@ def test_graph_replay_after_push_gives_fresh_load_output(quant):
     graph.replay()
     before = out.clone()
     addresses = _addresses(model)
-    loadfsm.WeightSync(model, session=report).push(reference_state_dict("tiny", 1).items())
+    loadfsm.WeightSync(model).push(reference_state_dict("tiny", 1).items())
     graph.replay()
     torch.cuda.synchronize()
     fresh, _ = _load(reference_state_dict("tiny", 1), quant)
@@ -61,7 +61,7 @@ def test_cuda_push_of_trainer_parameters_matches_fresh_load(quant):
     """A trainer's CUDA named_parameters() pushed into a CUDA engine equal a fresh load."""
     model, report = _load(reference_state_dict("tiny", 0), quant)
     trainer = load_reference_model("tiny", seed=1, device="cuda")
-    loadfsm.WeightSync(model, session=report).push(trainer.named_parameters())
+    loadfsm.WeightSync(model).push(trainer.named_parameters())
     fresh, _ = _load(reference_state_dict("tiny", 1), quant)
     expected = fresh.state_dict()
     for name, tensor in model.state_dict().items():

@@ -59,7 +59,7 @@ def _engine(config, tmp, fail_at):
     model = build_model(config)
     report = loadfsm.load(model, reference_state_dict(config, 0).items(), quant="fp8",
                           device="cpu")
-    receiver = WeightReceiver(loadfsm.WeightSync(model, session=report))
+    receiver = WeightReceiver(loadfsm.WeightSync(model))
     addresses = {n: t.data_ptr() for n, t in model.state_dict().items()}
     previous = {n: t.clone() for n, t in model.state_dict().items()}
     steps = []

@@ -82,8 +82,31 @@ def fresh():
 
 
 def _engine(config, quant="fp8", **kwargs):
-    model, report = _load(config, reference_state_dict(config, 0), quant)
-    return model, loadfsm.WeightSync(model, session=report, **kwargs)
+    """A loaded model and its sync, re-planned from the model (the contract form)."""
+    model, _ = _load(config, reference_state_dict(config, 0), quant)
+    return model, loadfsm.WeightSync(model, **kwargs)
+
+
+@pytest.mark.parametrize("quant", ["fp8", "fp8-channel"])
+def test_sync_on_the_load_session_equals_replanned(quant, fresh):
+    """WeightSync(model, session=report) and WeightSync(model) push to the same result."""
+    model, report = _load(SMALL_MOE, reference_state_dict(SMALL_MOE, 0), quant)
+    loadfsm.WeightSync(model, session=report).push(reference_state_dict(SMALL_MOE, 1).items())
+    _assert_equal_models(model, fresh(SMALL_MOE, 1, quant))
+
+
+def test_replanned_sync_knows_the_original_plan():
+    """Re-planning an FP8 model recovers its bf16 slots, pieces and quantization config."""
+    model, report = _load(SMALL_MOE, reference_state_dict(SMALL_MOE, 0), "fp8-channel")
+    sync = loadfsm.WeightSync(model)
+    original = report.session.plan
+    assert sync.session.quant == report.session.quant
+    assert sync.session.plan.by_ckpt.keys() == original.by_ckpt.keys()
+    for name, rec in original.layers.items():
+        replanned = sync.session.plan.layers[name]
+        assert {a: (s.shape, s.dtype) for a, s in replanned.slots.items()} == \
+            {a: (s.shape, s.dtype) for a, s in rec.slots.items()}
+        assert replanned.state is loadfsm.LayerState.FINALIZED
 
 
 @pytest.mark.parametrize("config", ["tiny", "tiny-moe"])

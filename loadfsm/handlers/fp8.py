@@ -28,10 +28,13 @@ def quant_name(config: Fp8Config | None) -> str | None:
 
 # Weight attributes to quantize, per module kind; everything else passes through.
 _QUANTIZED = {nn.Linear: ("weight",), StackedExperts: ("gate_up_proj", "down_proj")}
+# Modules this handler installed: a weight push into a loaded model re-plans from them.
+_INSTALLED = {Fp8Linear: nn.Linear, Fp8StackedExperts: StackedExperts}
 
 
 def _kind(module: nn.Module):
-    return next((kind for kind in _QUANTIZED if type(module) is kind), None)
+    kind = _INSTALLED.get(type(module), type(module))
+    return kind if kind in _QUANTIZED else None
 
 
 @register_handler("fp8")
@@ -39,8 +42,9 @@ class Fp8Handler(Handler):
     """Claims ``nn.Linear`` and ``StackedExperts`` layers not excluded by the config."""
 
     def claims(self, layer_name, module) -> bool:
-        config = self.session.quant
-        return _kind(module) is not None and not config.excludes(layer_name)
+        if type(module) in _INSTALLED:
+            return True
+        return _kind(module) is not None and not self.session.quant.excludes(layer_name)
 
     def check(self, rec) -> None:
         # Q1: non-quantized tensors (bias) are checked here; weights by their scales.

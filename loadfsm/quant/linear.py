@@ -89,6 +89,13 @@ class Fp8Linear(nn.Module):
         self.register_parameter(
             "bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
 
+    def full_precision_slots(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        """What a checkpoint (or a weight push) feeds this layer: its bf16 weight and bias."""
+        slots = {"weight": (self.weight.shape, self.out_dtype)}
+        if self.bias is not None:
+            slots["bias"] = (self.bias.shape, self.bias.dtype)
+        return slots
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in_features] -> [..., out_features]
         return fp8_matmul(x, self.weight, self.weight_scale, self.bias, self.config,
@@ -149,6 +156,11 @@ class Fp8StackedExperts(StackedExperts):
         self.gate_up_proj_scale = nn.Parameter(gate_up_scale, requires_grad=False)
         self.down_proj = nn.Parameter(down, requires_grad=False)
         self.down_proj_scale = nn.Parameter(down_scale, requires_grad=False)
+
+    def full_precision_slots(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        """What a checkpoint (or a weight push) feeds this layer: the bf16 stacked weights."""
+        return {name: (getattr(self, name).shape, self.out_dtype)
+                for name in ("gate_up_proj", "down_proj")}
 
     def expert_linear(self, x: torch.Tensor, which: str, expert: int) -> torch.Tensor:
         """``x @ W[expert].T`` in FP8 for ``which`` in {"gate_up_proj", "down_proj"}."""
