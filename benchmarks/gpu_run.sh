@@ -12,6 +12,5 @@ python3 -m pytest -q -p no:cacheprovider tests/test_fp8_cuda.py tests/test_load_
 python3 -m loadfsm demo --json 2>/dev/null | tee "$OUT/demo.json"
 python3 -m loadfsm bench --model llama-8b-4l --device cuda --repeat 3 --dir /tmp/ckpt8b --json \
     | tee "$OUT/bench_load.json"
-if [ -f loadfsm/bench_sync.py ]; then
-    python3 -m loadfsm.bench_sync --model llama-8b-4l --device cuda --json | tee "$OUT/bench_sync.json"
-fi
+python3 -m loadfsm.bench_sync --model llama-8b-4l --device cuda --json \
+    $( [ "$(nvidia-smi -L | wc -l)" -ge 2 ] && echo --transport nccl ) | tee "$OUT/bench_sync.json"

@@ -8,6 +8,7 @@ checkpoint's headers (names, shapes, dtypes) without reading tensor data.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -59,8 +60,13 @@ def _loadable(module: nn.Module):
             yield attr, buf, buf.shape, buf.dtype, True
 
 
-def plan_layers(model: nn.Module, handlers: list[Handler]) -> Plan:
-    """Build one ``LayerRecord`` per module that owns tensors to load. O(tensors)."""
+def plan_layers(model: nn.Module, handlers: list[Handler],
+                pieces: Iterable[Piece] | None = None) -> Plan:
+    """Build one ``LayerRecord`` per module that owns tensors to load. O(tensors).
+
+    ``pieces``, when given, replaces the model's own ``checkpoint_pieces`` (an
+    integration that maps names for a model class it does not own passes them here).
+    """
     first_name: dict[int, TensorSlot] = {}
     tied: dict[str, str] = {}
     layers: dict[str, LayerRecord] = {}
@@ -85,12 +91,14 @@ def plan_layers(model: nn.Module, handlers: list[Handler]) -> Plan:
     slot_owner = {slot.full_name: (rec, slot) for rec in layers.values()
                   for slot in rec.slots.values()}
     by_ckpt: dict[str, LayerRecord] = {}
-    custom = getattr(model, "checkpoint_pieces", None)
+    if pieces is None:
+        custom = getattr(model, "checkpoint_pieces", None)
+        pieces = custom() if callable(custom) else ()
     named: set[str] = set()
-    for piece in (custom() if callable(custom) else ()):
+    for piece in pieces:
         param = tied.get(piece.param, piece.param)
         if param not in slot_owner:
-            raise ValueError(f"checkpoint_pieces names {piece.param!r}, which the model lacks")
+            raise ValueError(f"a piece names {piece.param!r}, which the model lacks")
         if param != piece.param:
             piece = Piece(piece.ckpt_name, param, piece.region, piece.shard,
                           piece.expert, piece.optional)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -49,11 +49,16 @@ class LoadSession:
         strict: raise on missing or unexpected tensors (else report them).
         max_in_flight: warn once when more layers than this hold staging at once.
         on_layer_done: called with each layer's record when it reaches FINALIZED.
+        pieces: the checkpoint pieces of fused or renamed tensors, in place of the
+            model's own ``checkpoint_pieces`` (see ``loadfsm.pieces``).
+        handlers: names of registered handlers tried before the built-in ones (an
+            integration's handler for module kinds loadfsm does not know).
     """
 
     def __init__(self, model: nn.Module, *, quant=None, device=None, trace=None,
                  strict: bool = True, max_in_flight: int = 2,
-                 on_layer_done: Callable[[LayerRecord], None] | None = None):
+                 on_layer_done: Callable[[LayerRecord], None] | None = None,
+                 pieces: Iterable[Piece] | None = None, handlers: Sequence[str] = ()):
         self.model = model
         self.device = torch.device(device) if device is not None else default_device()
         self.quant = resolve_quant(quant)
@@ -64,8 +69,8 @@ class LoadSession:
         self.held: list[LayerRecord] | None = None
         self.tracer = Tracer(trace)
         self.ledger = MemoryLedger()
-        self.handlers = self._build_handlers()
-        self.plan = plan_layers(model, self.handlers)                      # L1
+        self.handlers = self._build_handlers(handlers)
+        self.plan = plan_layers(model, self.handlers, pieces)              # L1
         self.in_flight: dict[str, LayerRecord] = {}
         self.unexpected: list[str] = []
         self.file_of: Callable[[str], str | None] = lambda name: None
@@ -102,8 +107,8 @@ class LoadSession:
             session.ledger.add_final(rec.final_bytes)
         return session
 
-    def _build_handlers(self) -> list[Handler]:
-        names = ["kv_scales"] + (["fp8"] if self.quant is not None else []) + ["passthrough"]
+    def _build_handlers(self, extra: Sequence[str]) -> list[Handler]:
+        names = [*extra, "kv_scales"] + (["fp8"] if self.quant is not None else []) + ["passthrough"]
         return [HANDLERS[name](self) for name in names]
 
     # -- L2: match the plan against headers --------------------------------------

@@ -48,7 +48,7 @@ class Fp8Handler(Handler):
 
     def check(self, rec) -> None:
         # Q1: non-quantized tensors (bias) are checked here; weights by their scales.
-        weights = _QUANTIZED[_kind_of(rec)]
+        weights = self.weight_attrs(rec)
         for attr, tensor in rec.staging.items():
             if attr not in weights and not bool(torch.isfinite(tensor).all()):
                 raise_non_finite(rec, attr)
@@ -57,7 +57,7 @@ class Fp8Handler(Handler):
         config = self.session.quant
         results = {}
         for attr, tensor in rec.staging.items():
-            if attr in _QUANTIZED[_kind_of(rec)]:
+            if attr in self.weight_attrs(rec):
                 q, scale = quantize_fp8(tensor, config)                   # Q1, Q2
                 if not bool(torch.isfinite(scale).all()):
                     raise_non_finite(rec, attr)
@@ -65,6 +65,10 @@ class Fp8Handler(Handler):
             else:
                 results[attr] = tensor
         return results
+
+    def weight_attrs(self, rec) -> tuple[str, ...]:
+        """The layer's tensors quantized to FP8; the others (bias) pass through."""
+        return _QUANTIZED[_kind_of(rec)]
 
     def install(self, rec) -> None:                                       # Q3
         config, res = self.session.quant, rec.results
