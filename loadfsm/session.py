@@ -108,7 +108,8 @@ class LoadSession:
         return session
 
     def _build_handlers(self, extra: Sequence[str]) -> list[Handler]:
-        names = [*extra, "kv_scales"] + (["fp8"] if self.quant is not None else []) + ["passthrough"]
+        quant = ["fp8"] if self.quant is not None else []
+        names = [*extra, "kv_scales", *quant, "passthrough"]
         return [HANDLERS[name](self) for name in names]
 
     # -- L2: match the plan against headers --------------------------------------

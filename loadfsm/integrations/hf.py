@@ -1,0 +1,167 @@
+"""Hugging Face transformers models, loaded layer by layer (the ``loadfsm[hf]`` extra).
+
+``from_pretrained`` follows transformers' own loading, step for step, with loadfsm's
+lifecycle in place of its state-dict copy (cited below as H1..H5):
+  H1 read ``config.json`` and build the model class it names on ``meta``, in the
+     checkpoint's dtype (no memory held);
+  H2 read the safetensors headers and map names with transformers' conversion rules for
+     this model type (``hf_pieces``): renamed and fused tensors become pieces;
+  H3 drop the names this model class ignores on load; everything else is strict;
+  H4 stream the tensors layer by layer: each layer materializes, completes, quantizes
+     (``nn.Linear`` -> ``Fp8Linear``, fused experts -> ``Fp8Experts``) and finalizes;
+  H5 compute the non-persistent buffers (rotary ``inv_freq``, ``position_ids``) on the
+     target device with the model's own ``_init_weights``, as transformers does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationConfig
+from transformers.modeling_utils import PreTrainedModel
+
+from ..api import run
+from ..quant.config import Fp8Config, resolve_quant
+from ..report import LoadReport
+from ..session import LoadSession
+from ..sources.safetensors_dir import SafetensorsSource
+from .hf_experts import HfExpertsFp8Handler
+from .hf_pieces import checkpoint_mapping
+
+# MoE routers stay in full precision whatever the user excludes: see ``Fp8Config.exclude``.
+ROUTERS = tuple(p for p in Fp8Config().exclude if p != "lm_head")
+
+
+class HfLoad(NamedTuple):
+    """What ``from_pretrained`` returns: ``model, report = from_pretrained(...)``."""
+
+    model: PreTrainedModel
+    report: LoadReport
+
+
+def from_pretrained(path: str | Path, quant="fp8", device=None, exclude=("lm_head",),
+                    trace=None, strict: bool = True, dtype: torch.dtype | None = None,
+                    *, model_class: type[PreTrainedModel] | None = None) -> HfLoad:
+    """Load a transformers checkpoint directory layer by layer, FP8 by default.
+
+    Args:
+        path: a local directory with ``config.json`` and safetensors weights (one file,
+            or shards with ``model.safetensors.index.json``).
+        quant: ``"fp8"``, ``"fp8-channel"``, ``"fp8-block"``, ``None`` (full precision)
+            or an ``Fp8Config`` (used as given, its ``exclude`` included).
+        device: target device; the best available when ``None``.
+        exclude: module names kept in full precision (fnmatch or dotted suffix, see
+            ``Fp8Config.exclude``); MoE routers are always added.
+        trace: ``True`` (structlog events), a JSONL path, or ``None``.
+        strict: raise on missing/unexpected tensors (after transformers' own ignore
+            rules for the model class); else report them.
+        dtype: parameter dtype; the config's ``dtype`` when ``None`` (float32 if unset).
+        model_class: the transformers class to build; else the config's first
+            ``architectures`` entry, else ``AutoModelForCausalLM`` / ``AutoModel``.
+
+    Returns:
+        ``HfLoad(model, report)``: the model in eval mode, ready for ``forward`` and
+        ``generate``, and the ``LoadReport``.
+
+    Raises:
+        LoadError: a subclass naming the tensor, file and layer at fault.
+        ValueError: a conversion rule of this model type that changes values.
+    """
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)                                    # H1
+    dtype = dtype or _config_dtype(config)
+    cls = model_class or _model_class(config)
+    # Auto classes build through ``from_config``; a concrete class through the
+    # ``_from_config`` those call (it applies dtype and attention implementation).
+    build = getattr(cls, "from_config", None) or cls._from_config
+    with torch.device("meta"):
+        model = build(config, dtype=dtype)
+    if (path / "generation_config.json").exists() and model.can_generate():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    config_q = resolve_quant(quant)
+    if config_q is not None and not isinstance(quant, Fp8Config):
+        config_q = dataclasses.replace(config_q, exclude=(*exclude, *ROUTERS))
+
+    source = SafetensorsSource(path, device=device)
+    try:
+        mapping = checkpoint_mapping(model, source.entries())                    # H2
+        session = LoadSession(model, quant=config_q, device=device, trace=trace,
+                              strict=strict, pieces=mapping.pieces,
+                              handlers=() if config_q is None else (HfExpertsFp8Handler.name,))
+        report = run(session, _Ignoring(source, mapping.ignored))                # H3, H4
+    finally:
+        source.close()
+    init_non_persistent_buffers(model, session.device)                          # H5
+    model.eval()
+    return HfLoad(model, report)
+
+
+def init_non_persistent_buffers(model: PreTrainedModel, device: torch.device) -> None:
+    """Compute the buffers no checkpoint holds on ``device``, with the model's own init.
+
+    transformers' ``from_pretrained`` moves non-persistent buffers off ``meta`` and runs
+    ``_init_weights`` on their modules (rotary embeddings recompute ``inv_freq`` from the
+    config; ``position_ids`` is an ``arange``). We do the same, module by module, with the
+    ``_init_weights`` of the nearest ``PreTrainedModel`` (composite models differ per part).
+    Loaded parameters of those modules are guarded with transformers' own
+    ``_is_hf_initialized`` flag for the call and unflagged after.
+    """
+    owners = {name: m for name, m in model.named_modules() if isinstance(m, PreTrainedModel)}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            stale = [b for b, t in module._buffers.items()
+                     if t is not None and t.is_meta and b in module._non_persistent_buffers_set]
+            if not stale:
+                continue
+            for b in stale:
+                module._buffers[b] = torch.empty_like(module._buffers[b], device=device)
+            owner = owners[max((n for n in owners if n == "" or name == n
+                                or name.startswith(n + ".")), key=len)]
+            loaded = [p for p in module.parameters(recurse=False)]
+            for p in loaded:
+                p._is_hf_initialized = True
+            try:
+                owner._init_weights(module)
+            finally:
+                for p in loaded:
+                    del p._is_hf_initialized
+
+
+class _Ignoring:
+    """A source without the names the model class ignores on load (transformers' rules)."""
+
+    def __init__(self, source: SafetensorsSource, ignored: set[str]):
+        self._source, self._ignored = source, ignored
+        self.file_of = source.file_of
+
+    def entries(self):
+        return {n: e for n, e in self._source.entries().items() if n not in self._ignored}
+
+    def index(self):
+        return {n: f for n, f in self._source.index().items() if n not in self._ignored}
+
+    def read(self, order):
+        return self._source.read(list(self.entries()) if order is None else order)
+
+    def close(self) -> None:
+        self._source.close()
+
+
+def _config_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def _model_class(config) -> type[PreTrainedModel]:
+    """The class ``config.architectures`` names, else the causal-LM or base auto class."""
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+            return cls
+    if type(config) in AutoModelForCausalLM._model_mapping:
+        return AutoModelForCausalLM
+    return AutoModel
