@@ -10,7 +10,7 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_cuda.py tests/test_load_cuda.py \
     $(ls tests/test_sync_cuda.py 2>/dev/null) 2>&1 | tail -25 | tee "$OUT/pytest.txt"
 python3 -m loadfsm demo --json 2>/dev/null | tee "$OUT/demo.json"
-python3 -m loadfsm bench --model llama-8b-4l --device cuda --repeat 3 --dir /tmp/ckpt8b --json \
+python3 -m loadfsm bench --model llama-8b --device cuda --repeat 3 --dir /tmp/ckpt8b32 --json \
     | tee "$OUT/bench_load.json"
 python3 -m loadfsm.bench_sync --model llama-8b-4l --device cuda --json \
     $( [ "$(nvidia-smi -L | wc -l)" -ge 2 ] && echo --transport nccl ) | tee "$OUT/bench_sync.json"

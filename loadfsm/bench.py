@@ -17,6 +17,7 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from safetensors.torch import load_file
 
 from .api import load
 from .models import build_model, write_checkpoint
+from .models.config import as_config
 from .quant.config import resolve_quant
 from .quant.fp8 import quantize_fp8
 from .quant.linear import Fp8Linear
@@ -82,15 +84,17 @@ def run_naive(path, device, quant, model_name):
         model = build_model(model_name)
         report = load(model, path, quant=None, device=device)
         bf16_bytes, largest_out = report.final_bytes, 0
-        for name, module in list(model.named_modules()):
-            if type(module) is torch.nn.Linear and not config.excludes(name):
-                q, scale = quantize_fp8(module.weight.data, config)
-                largest_out = max(largest_out, q.numel() + scale.numel() * 4)
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child,
-                        Fp8Linear.from_quantized(q, scale, module.bias, config,
-                                                 out_dtype=module.weight.dtype))
-                del module, q, scale
+        linears = [name for name, module in model.named_modules()
+                   if type(module) is torch.nn.Linear and not config.excludes(name)]
+        for name in linears:                  # each bf16 weight freed once quantized
+            module = model.get_submodule(name)
+            q, scale = quantize_fp8(module.weight.data, config)
+            largest_out = max(largest_out, q.numel() + scale.numel() * 4)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child,
+                    Fp8Linear.from_quantized(q, scale, module.bias, config,
+                                             out_dtype=module.weight.dtype))
+            del module, q, scale
         final = sum(p.numel() * p.element_size() for p in model.parameters())
     if peak.bytes is None:
         peak.bytes = bf16_bytes + largest_out
@@ -106,8 +110,8 @@ def run_loadfsm(path, device, quant, model_name):
     return peak, report
 
 
-def bench(model_name: str, directory: Path, device: torch.device, quant: str,
-          repeat: int) -> dict:
+def bench(model_name, directory: Path, device: torch.device, quant: str,
+          repeat: int, label: str | None = None) -> dict:
     file_bytes = _warm(directory)
     runs: dict[str, list] = {"load_file": [], "naive": [], "loadfsm": []}
     extra = {}
@@ -124,7 +128,8 @@ def bench(model_name: str, directory: Path, device: torch.device, quant: str,
                  "largest_layer_bytes": report.largest_layer_bytes,
                  "ledger_peak_bytes": report.peak_bytes}
         gc.collect()
-    result = {"model": model_name, "device": str(device), "quant": quant,
+    result = {"model": label or str(model_name), "layers": as_config(model_name).num_layers,
+              "device": str(device), "quant": quant,
               "checkpoint_bytes": file_bytes, "repeat": repeat, **extra}
     for method, samples in runs.items():
         seconds = statistics.median(s for s, _ in samples)
@@ -162,14 +167,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default=None, help="checkpoint dir (written if empty)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--quant", default="fp8")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="override the model's number of decoder layers")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device(args.device) if args.device else default_device()
+    model = as_config(args.model)
+    if args.layers is not None:
+        model = replace(model, num_layers=args.layers)
     with tempfile.TemporaryDirectory(prefix="loadfsm-bench-") as tmp:
         directory = Path(args.dir or tmp)
         if not _files(directory):
-            write_checkpoint(args.model, directory, max_shard_bytes=2 << 30)
-        result = bench(args.model, directory, device, args.quant, args.repeat)
+            write_checkpoint(model, directory, max_shard_bytes=5 << 30)
+        result = bench(model, directory, device, args.quant, args.repeat,
+                       label=f"{args.model} ({model.num_layers} layers)")
     print(json.dumps(result) if args.json else format_result(result))
     return 0

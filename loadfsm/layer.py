@@ -66,6 +66,8 @@ class LayerRecord:
     staging_bytes: int = 0
     final_bytes: int = 0
     reloading: bool = False
+    aliased: bool = False          # staging is the pushed tensor itself (see _can_alias)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # ckpt name -> shape
     defaulted: list[str] = field(default_factory=list)
     t_first: float | None = None
     t_done: float | None = None

@@ -7,6 +7,7 @@ checkpoint's headers (names, shapes, dtypes) without reading tensor data.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -122,11 +123,17 @@ def _add_piece(by_ckpt, rec: LayerRecord, slot: TensorSlot, piece: Piece) -> Non
         raise ValueError(f"two pieces claim checkpoint tensor {piece.ckpt_name!r}")
     rec.pieces[piece.ckpt_name] = piece
     rec.missing.add(piece.ckpt_name)
-    slot.covered += slot.numel if not piece.region else piece.numel(slot.shape)
+    shape = tuple(slot.shape if not piece.region else piece.expected_shape(slot.shape))
+    rec.shapes[piece.ckpt_name] = shape
+    slot.covered += math.prod(shape)
     by_ckpt[piece.ckpt_name] = rec
 
 
 def expected_shape(rec: LayerRecord, piece: Piece) -> tuple[int, ...]:
+    """Shape a tensor must have to fill ``piece`` (cached at planning: O(1) per arrival)."""
+    shape = rec.shapes.get(piece.ckpt_name) if piece.ckpt_name in rec.pieces else None
+    if shape is not None and rec.pieces[piece.ckpt_name] == piece:
+        return shape
     slot = rec.slots[rec.slot_attr(piece.param)]
     return tuple(slot.shape if not piece.region else piece.expected_shape(slot.shape))
 

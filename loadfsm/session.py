@@ -187,17 +187,35 @@ class LoadSession:
     def _fill(self, rec: LayerRecord, into: Piece, tensor: torch.Tensor,
               names: tuple[str, ...], **extra) -> None:
         if rec.state is LayerState.META:
-            self._materialize(rec)
+            if self._can_alias(rec, into, tensor, names):
+                self._materialize(rec, alias=tensor)
+            else:
+                self._materialize(rec)
         src, dst = rec.fire("arrive")
-        target = rec.staging[rec.slot_attr(into.param)]
-        # non_blocking: a pinned source buffer overlaps the copy with the next read.
-        (target[into.region] if into.region else target).copy_(tensor, non_blocking=True)
+        if not rec.aliased:
+            self._copy_in(rec.staging[rec.slot_attr(into.param)], into, tensor)
         rec.missing.difference_update(names)
         rec.arrived += 1
         self._bytes_read += nbytes(tensor)
         self._transition(rec, src, dst, "arrive", **extra)
         if not rec.missing:
             self._complete(rec, "complete")
+
+    @staticmethod
+    def _copy_in(target: torch.Tensor, into: Piece, tensor: torch.Tensor) -> None:
+        # non_blocking: a pinned source buffer overlaps the copy with the next read.
+        (target[into.region] if into.region else target).copy_(tensor, non_blocking=True)
+
+    def _can_alias(self, rec: LayerRecord, into: Piece, tensor: torch.Tensor,
+                   names: tuple[str, ...]) -> bool:
+        """A reload whose one tensor is the whole one-slot layer, already on the device in
+        the slot's dtype, needs no staging copy: the handler reads the pushed tensor and
+        ``commit`` copies the results into the live tensors (never the tensor itself)."""
+        if not rec.reloading or into.region or len(rec.slots) != 1 or len(names) != len(rec.missing):
+            return False
+        slot = next(iter(rec.slots.values()))
+        return (tensor.device == self.device and tensor.dtype == slot.dtype
+                and tensor.shape == slot.shape and tensor.is_contiguous())
 
     def _route_unplanned(self, name: str) -> LayerRecord | None:
         """A name the plan does not know: a tied alias, or unexpected."""
@@ -218,9 +236,12 @@ class LoadSession:
             raise self._unexpected_error()
         return None
 
-    def _materialize(self, rec: LayerRecord) -> None:
-        rec.staging = rec.handler.materialize(rec)
-        rec.staging_bytes = sum(nbytes(t) for t in rec.staging.values())
+    def _materialize(self, rec: LayerRecord, alias: torch.Tensor | None = None) -> None:
+        if alias is not None:
+            rec.staging, rec.aliased = {next(iter(rec.slots)): alias}, True
+        else:
+            rec.staging, rec.aliased = rec.handler.materialize(rec), False
+        rec.staging_bytes = 0 if rec.aliased else sum(nbytes(t) for t in rec.staging.values())
         self.ledger.add_staging(rec.staging_bytes)
         self._largest = max(self._largest, rec.staging_bytes)
         rec.t_first = time.perf_counter()
@@ -290,8 +311,12 @@ class LoadSession:
         rec.handler.check(rec)
         results = rec.handler.quantize(rec)
         staging_ids = {id(t) for t in rec.staging.values()}
-        shared = sum(nbytes(t) for t in results.values() if id(t) in staging_ids)
-        produced = sum(nbytes(t) for t in results.values())
+        if rec.aliased:      # the pushed tensor is the caller's, never counted as ours
+            owned = [t for t in results.values() if id(t) not in staging_ids]
+            shared, produced = 0, sum(nbytes(t) for t in owned)
+        else:
+            shared = sum(nbytes(t) for t in results.values() if id(t) in staging_ids)
+            produced = sum(nbytes(t) for t in results.values())
         if rec.reloading:
             self.ledger.add_staging(produced - shared)   # held until copied into live tensors
         else:

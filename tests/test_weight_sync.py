@@ -357,3 +357,15 @@ def test_push_cost_is_linear_in_layers_pushed():
     all_of_many = _best_time(big, big_items, reps=2)
     assert few_of_many < 4 * baseline            # no cost per layer of the model
     assert all_of_many < 64 * baseline * 4       # 64x the layers, well under 256x the time
+
+
+def test_push_never_keeps_or_changes_the_trainers_tensors():
+    """Whole-parameter pushes read the trainer's tensors without aliasing or writing them."""
+    model, sync = _engine(SMALL, quant="fp8")
+    trainer = load_reference_model(SMALL, seed=1)
+    before = {n: p.detach().clone() for n, p in trainer.named_parameters()}
+    sync.push(trainer.named_parameters())
+    trainer_ptrs = {p.data_ptr() for p in trainer.parameters()}
+    assert not trainer_ptrs & {t.data_ptr() for t in model.state_dict().values()}
+    assert all(torch.equal(before[n], p) for n, p in trainer.named_parameters())
+    assert sync.session.ledger.staging == 0

@@ -17,7 +17,7 @@ from ..models.layers import StackedExperts
 from ..quant.config import Fp8Config
 from ..quant.fp8 import quantize_fp8
 from ..quant.linear import Fp8Linear, Fp8StackedExperts
-from .base import Handler, raise_non_finite, register_handler
+from .base import Handler, all_finite, raise_non_finite, register_handler
 
 _NAMES = {"tensor": "fp8", "channel": "fp8-channel", "block": "fp8-block"}
 
@@ -50,7 +50,7 @@ class Fp8Handler(Handler):
         # Q1: non-quantized tensors (bias) are checked here; weights by their scales.
         weights = self.weight_attrs(rec)
         for attr, tensor in rec.staging.items():
-            if attr not in weights and not bool(torch.isfinite(tensor).all()):
+            if attr not in weights and not all_finite(tensor):
                 raise_non_finite(rec, attr)
 
     def quantize(self, rec) -> dict[str, torch.Tensor]:
