@@ -21,7 +21,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .errors import DuplicateWeightError, IncompleteLoadError, UnexpectedWeightError
+from .errors import (DuplicateWeightError, IncompleteLoadError, NonFiniteWeightError,
+                     UnexpectedWeightError)
 from .handlers.base import HANDLERS, Handler
 from .layer import LayerRecord
 from .ledger import MemoryLedger, nbytes
@@ -32,6 +33,9 @@ from .handlers.fp8 import quant_name
 from .report import LoadReport
 from .states import LayerState
 from .trace import Tracer
+
+
+COMMIT_BYTES = 512 << 20     # quantized reload results held before one verification
 
 
 def default_device() -> torch.device:
@@ -65,8 +69,13 @@ class LoadSession:
         self.strict = strict
         self.max_in_flight = max_in_flight
         self.on_layer_done = on_layer_done
-        # Reload with atomic="model": quantized layers wait here instead of committing.
-        self.held: list[LayerRecord] | None = None
+        # Reload: quantized layers wait here until their finiteness is verified (one
+        # device sync per ``commit_bytes`` of results, or per push with ``hold_all``).
+        self.held: list[LayerRecord] = []
+        self.hold_all = False
+        self.commit_bytes = COMMIT_BYTES
+        self.committed: list[str] = []
+        self._held_bytes = 0
         self.tracer = Tracer(trace)
         self.ledger = MemoryLedger()
         self.handlers = self._build_handlers(handlers)
@@ -192,8 +201,17 @@ class LoadSession:
             else:
                 self._materialize(rec)
         src, dst = rec.fire("arrive")
-        if not rec.aliased:
-            self._copy_in(rec.staging[rec.slot_attr(into.param)], into, tensor)
+        if rec.aliased:
+            written = tensor
+        else:
+            target = rec.staging[rec.slot_attr(into.param)]
+            written = target[into.region] if into.region else target
+            written.copy_(tensor, non_blocking=True)
+            del target
+        if written.is_floating_point():
+            # NaN/Inf check without a device sync: max|x| is NaN or Inf iff x holds one.
+            rec.norms.append((names, torch.linalg.vector_norm(written, ord=float("inf"))))
+        del written
         rec.missing.difference_update(names)
         rec.arrived += 1
         self._bytes_read += nbytes(tensor)
@@ -201,17 +219,12 @@ class LoadSession:
         if not rec.missing:
             self._complete(rec, "complete")
 
-    @staticmethod
-    def _copy_in(target: torch.Tensor, into: Piece, tensor: torch.Tensor) -> None:
-        # non_blocking: a pinned source buffer overlaps the copy with the next read.
-        (target[into.region] if into.region else target).copy_(tensor, non_blocking=True)
-
     def _can_alias(self, rec: LayerRecord, into: Piece, tensor: torch.Tensor,
                    names: tuple[str, ...]) -> bool:
         """A reload whose one tensor is the whole one-slot layer, already on the device in
-        the slot's dtype, needs no staging copy: the handler reads the pushed tensor and
-        ``commit`` copies the results into the live tensors (never the tensor itself)."""
-        if not rec.reloading or into.region or len(rec.slots) != 1 or len(names) != len(rec.missing):
+        the slot's dtype, needs no staging copy when the handler makes new tensors of it
+        (FP8): those are held and committed, never the caller's tensor itself."""
+        if not rec.reloading or not rec.handler.makes_new_tensors or into.region or len(rec.slots) != 1 or len(names) != len(rec.missing):
             return False
         slot = next(iter(rec.slots.values()))
         return (tensor.device == self.device and tensor.dtype == slot.dtype
@@ -269,10 +282,46 @@ class LoadSession:
         src, dst = rec.fire(trigger)
         self._transition(rec, src, dst, trigger)
         self.quantize(rec)
-        if rec.reloading and self.held is not None:
-            self.held.append(rec)        # committed together once every layer is ready
-        else:
+        if not rec.reloading:
+            self.finalize(rec)            # first load: nothing live; verified in finish()
+            return
+        self.held.append(rec)
+        self._held_bytes += rec.final_bytes
+        if not self.hold_all and self._held_bytes >= self.commit_bytes:
+            self.commit_held()
+
+    def commit_held(self) -> None:
+        """Verify the held reload results (one device sync), then commit them in place.
+
+        A layer holding NaN/Inf raises ``NonFiniteWeightError``; the held layers stay
+        QUANTIZED for the caller to roll back, so no live tensor saw the bad values.
+        """
+        held, self.held, self._held_bytes = self.held, [], 0
+        try:
+            self.verify(held)
+        except BaseException:
+            self.held = held
+            raise
+        for rec in held:
             self.finalize(rec)
+
+    def verify(self, recs) -> None:
+        """Raise ``NonFiniteWeightError`` naming the first piece of ``recs`` with NaN/Inf.
+
+        The per-piece max|x| recorded at arrival are checked together: one device sync.
+        """
+        recs = [rec for rec in recs if rec.norms]
+        if not recs:
+            return
+        norms = torch.stack([norm.float() for rec in recs for _, norm in rec.norms])
+        if not bool(torch.isfinite(norms).all()):
+            for rec in recs:
+                for names, norm in rec.norms:
+                    if not bool(torch.isfinite(norm)):
+                        raise NonFiniteWeightError("weight holds NaN or Inf", tensor=names[0],
+                                                   file=self.file_of(names[0]), layer=rec.name)
+        for rec in recs:
+            rec.norms.clear()
 
     def complete_with_defaults(self, rec: LayerRecord) -> None:
         """L6: complete a layer whose pieces still due are all optional, with defaults."""
@@ -300,6 +349,7 @@ class LoadSession:
         """A reload that cannot finish: free its staging and results, keep the live tensors."""
         self.ledger.free_staging(rec.staging_bytes + (rec.final_bytes if rec.results else 0))
         rec.staging, rec.results, rec.staging_bytes = {}, {}, 0
+        rec.norms.clear()
         rec.missing.clear()
         rec.reloading = False
         self.in_flight.pop(rec.name, None)
@@ -336,6 +386,7 @@ class LoadSession:
             rec.handler.commit(rec)
             self.ledger.free_staging(rec.final_bytes)
             rec.reloading = False
+            self.committed.append(rec.name)
         else:
             rec.handler.install(rec)
         rec.results = {}
@@ -382,6 +433,8 @@ class LoadSession:
             if rec.state is LayerState.FINALIZED or rec.required_missing():
                 continue
             self.complete_with_defaults(rec)
+        self.verify(rec for rec in self.plan.layers.values()
+                    if rec.state is LayerState.FINALIZED)
         self._compute_buffers()
         missing = self._missing()
         for name in missing:                  # incomplete layers keep no staging

@@ -27,7 +27,7 @@ from .errors import PushError
 from .layer import LayerRecord
 from .ledger import nbytes
 from .report import LoadReport
-from .session import LoadSession
+from .session import COMMIT_BYTES, LoadSession
 from .sources.push import PushRoutes
 from .states import LayerState
 from .trace import Tracer
@@ -68,8 +68,9 @@ class WeightSync:
         model: the model ``session`` loaded.
         session: optional: the ``LoadSession`` of that load, or the ``LoadReport`` it
             returned; by default the model is re-planned.
-        atomic: ``"layer"`` (default): each layer commits as soon as its new tensors are
-            complete and quantized, so at most a layer or two of extra memory is held.
+        atomic: ``"layer"`` (default): a layer commits once its new tensors are complete,
+            quantized and verified free of NaN/Inf. Verification is one device sync per
+            ``commit_bytes`` of quantized results, so that much extra memory is held.
             ``"model"``: nothing commits until every touched layer is quantized; the
             push then holds the quantized copies of all touched layers at once (about
             the size of the loaded model's touched part) and, on failure, commits none.
@@ -83,7 +84,8 @@ class WeightSync:
     """
 
     def __init__(self, model: nn.Module, *, session: LoadSession | LoadReport | None = None,
-                 atomic: str = "layer", device=None, trace=None):
+                 atomic: str = "layer", device=None, trace=None,
+                 commit_bytes: int = COMMIT_BYTES):
         if session is None:
             session = LoadSession.for_loaded_model(model)
         if isinstance(session, LoadReport):
@@ -100,6 +102,7 @@ class WeightSync:
         if unfinished:
             raise ValueError(f"layers not FINALIZED cannot take pushes: {unfinished}")
         self.model, self.session, self.atomic = model, session, atomic
+        self.commit_bytes = commit_bytes
         self.device = session.device
         session.tracer = Tracer(trace)
         session.on_layer_done = None          # the load's progress bar is gone
@@ -125,20 +128,23 @@ class WeightSync:
         base, outer_peak = ledger.staging + ledger.final, ledger.peak
         ledger.peak = base
         touched: dict[str, LayerRecord] = {}
-        committed: list[str] = []
+        committed = session.committed = []
         received = count = 0
         current: str | None = None
-        session.held = [] if self.atomic == "model" else None
+        session.held, session.hold_all = [], self.atomic == "model"
+        session.commit_bytes = self.commit_bytes
         try:
             try:
                 for current, tensor in named_tensors:
                     with torch.no_grad():     # trainer tensors may require grad
-                        self._arrive(current, tensor.detach(), touched, committed)
+                        self._arrive(current, tensor.detach(), touched)
                     received += nbytes(tensor)
                     count += 1
                     current = None
                 with torch.no_grad():
-                    missing = self._settle(touched, committed)
+                    missing = self._settle(touched)
+                    if not session.hold_all:
+                        session.commit_held()                           # P4
             except BaseException as exc:
                 rolled = self._roll_back(touched)
                 if not isinstance(exc, Exception):
@@ -158,11 +164,9 @@ class WeightSync:
                                 + f"\nrolled back {rolled}; committed {committed}",
                                 committed=list(committed), layer=next(iter(missing)))
             with torch.no_grad():
-                for rec in session.held or ():                  # atomic="model": P4
-                    session.finalize(rec)
-                    committed.append(rec.name)
+                session.commit_held()                           # atomic="model": P4
         finally:
-            session.held = None
+            session.held, session.hold_all = [], False
             peak_extra = ledger.peak - base
             ledger.peak = max(outer_peak, ledger.peak)
         report = SyncReport(layers_updated=len(committed), bytes_received=received,
@@ -171,8 +175,8 @@ class WeightSync:
         session.tracer.event("push_complete", **report.to_dict())
         return report
 
-    def _arrive(self, name: str, tensor: torch.Tensor, touched: dict[str, LayerRecord],
-                committed: list[str]) -> None:
+    def _arrive(self, name: str, tensor: torch.Tensor,
+                touched: dict[str, LayerRecord]) -> None:
         route = self._routes.resolve(name, tensor.shape)                   # P1
         rec = route.rec
         if rec.name not in touched:
@@ -187,16 +191,13 @@ class WeightSync:
             self.session.arrive(route.name, tensor)
         else:
             self.session.arrive_param(rec, route.param, tensor, route.pieces)
-        if rec.state is LayerState.FINALIZED:
-            committed.append(rec.name)
 
     @staticmethod
     def _due(rec: LayerRecord, route) -> bool:
         names = route.pieces if route.param is not None else (route.name,)
         return all(name in rec.missing for name in names)
 
-    def _settle(self, touched: dict[str, LayerRecord],
-                committed: list[str]) -> dict[str, list[str]]:
+    def _settle(self, touched: dict[str, LayerRecord]) -> dict[str, list[str]]:
         """Default optional pieces of touched layers; return those missing required ones."""
         missing = {}
         for rec in touched.values():
@@ -207,8 +208,6 @@ class WeightSync:
                 missing[rec.name] = due
                 continue
             self.session.complete_with_defaults(rec)
-            if rec.state is LayerState.FINALIZED:
-                committed.append(rec.name)
         return missing
 
     def _roll_back(self, touched: dict[str, LayerRecord]) -> list[str]:

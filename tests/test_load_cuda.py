@@ -47,3 +47,16 @@ def test_fp8_forward_on_cuda_runs(tiny_dir):
     with torch.no_grad():
         logits = model(tokens)
     assert logits.shape == (2, 16, 4096) and torch.isfinite(logits).all()
+
+
+def test_nan_on_cuda_raises_naming_the_piece(tmp_path):
+    """NaN in one fused piece is found by the deferred check and named on CUDA too."""
+    from loadfsm.models import reference_state_dict
+    from safetensors.torch import save_file
+    state = reference_state_dict("tiny")
+    name = "model.layers.2.self_attn.k_proj.weight"
+    state[name][1, 1] = float("nan")
+    save_file(state, str(tmp_path / "m.safetensors"))
+    with pytest.raises(loadfsm.NonFiniteWeightError, match="k_proj") as err:
+        loadfsm.load(build_model("tiny"), tmp_path / "m.safetensors", quant="fp8", device="cuda")
+    assert err.value.layer == "model.layers.2.self_attn.qkv_proj"

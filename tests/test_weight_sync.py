@@ -214,7 +214,7 @@ def test_missing_piece_raises_naming_layer_and_pieces(fresh):
 
 def test_wrong_shape_mid_push_rolls_back_and_retry_succeeds(fresh):
     """A bad tensor halfway: every layer wholly old or new, committed listed, retry works."""
-    model, sync = _engine(SMALL)
+    model, sync = _engine(SMALL, commit_bytes=0)
     old = _snapshot(model)
     items = list(reference_state_dict(SMALL, 1).items())
     middle = len(items) // 2
@@ -232,7 +232,7 @@ def test_wrong_shape_mid_push_rolls_back_and_retry_succeeds(fresh):
 
 def test_iterator_raising_midway_rolls_back_and_retry_succeeds(fresh):
     """The trainer's iterator raising halfway leaves layers wholly old or new; retry works."""
-    model, sync = _engine(SMALL)
+    model, sync = _engine(SMALL, commit_bytes=0)
     old = _snapshot(model)
     items = list(reference_state_dict(SMALL, 1).items())
 
@@ -294,8 +294,8 @@ def test_dummy_engine_then_full_push_equals_real_load(fresh):
 
 
 def test_sync_report_figures():
-    """Bytes received add up; extra memory stays about one layer's staging + results."""
-    model, sync = _engine(SMALL)
+    """Bytes received add up; committing each layer at once holds about one layer extra."""
+    model, sync = _engine(SMALL, commit_bytes=0)
     state = reference_state_dict(SMALL, 1)
     report = sync.push(state.items())
     assert report.bytes_received == sum(t.numel() * t.element_size() for t in state.values())
@@ -369,3 +369,32 @@ def test_push_never_keeps_or_changes_the_trainers_tensors():
     assert not trainer_ptrs & {t.data_ptr() for t in model.state_dict().values()}
     assert all(torch.equal(before[n], p) for n, p in trainer.named_parameters())
     assert sync.session.ledger.staging == 0
+
+
+@pytest.mark.parametrize("budget", [0, 100_000, 1 << 40], ids=["per-layer", "100KB", "push"])
+def test_commit_budget_bounds_extra_memory(budget, fresh):
+    """Held (unverified) results never exceed commit_bytes + one layer; results are exact."""
+    model, sync = _engine(SMALL, commit_bytes=budget)
+    state = reference_state_dict(SMALL, 1)
+    report = sync.push(state.items())
+    largest = max(r.final_bytes for r in sync.session.plan.layers.values())
+    biggest_staging = max(t.numel() * 2 for t in state.values()) * 3
+    held_total = sum(r.final_bytes for r in sync.session.plan.layers.values())
+    bound = min(budget + largest, held_total) + biggest_staging + largest
+    assert report.peak_extra_bytes <= bound
+    _assert_equal_models(model, fresh(SMALL, 1))
+
+
+def test_nan_in_a_held_batch_commits_none_of_it():
+    """A NaN found at verification leaves every layer of the batch old; the rest is exact."""
+    model, sync = _engine(SMALL, commit_bytes=1 << 40)
+    old = _snapshot(model)
+    state = reference_state_dict(SMALL, 1)
+    name = next(n for n in state if n.endswith("mlp.down_proj.weight"))
+    state[name] = state[name].clone()
+    state[name][0, 0] = float("nan")
+    with pytest.raises(loadfsm.PushError) as info:
+        sync.push(state.items())
+    assert isinstance(info.value.__cause__, loadfsm.NonFiniteWeightError)
+    assert name in str(info.value.__cause__) and info.value.committed == []
+    _assert_equal_models(model, old)

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Callable, ClassVar
 import torch
 from torch import nn
 
-from ..errors import NonFiniteWeightError
 
 if TYPE_CHECKING:
     from ..layer import LayerRecord
@@ -61,11 +60,12 @@ class Handler:
         """Fill optional pieces the checkpoint did not carry."""
         raise NotImplementedError(f"handler {self.name!r} has no defaults for {rec.name}")
 
+    # Whether ``quantize`` returns new tensors rather than the staging tensors themselves.
+    makes_new_tensors: ClassVar[bool] = False
+
     def check(self, rec: "LayerRecord") -> None:
-        """Refuse NaN or Inf before anything derived from the weights is kept."""
-        for attr, tensor in rec.staging.items():
-            if tensor.is_floating_point() and not all_finite(tensor):
-                raise_non_finite(rec, attr)
+        """Refuse a complete layer before it is quantized. NaN/Inf need nothing here: the
+        session verifies every piece's max|x| in one device sync (``LoadSession.verify``)."""
 
     def quantize(self, rec: "LayerRecord") -> dict[str, torch.Tensor]:
         """Results kept after staging is freed; here the staging tensors themselves."""
@@ -85,22 +85,3 @@ class Handler:
         live = self.live_tensors(rec)
         for attr, tensor in rec.results.items():
             live[attr].data.copy_(tensor)
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf, in one fused reduction: ``torch.isfinite`` would allocate 2.5x the
-    tensor in temporaries (abs, two masks, their conjunction) at the peak of a load."""
-    if tensor.numel() == 0:
-        return True
-    return bool(torch.isfinite(torch.linalg.vector_norm(tensor, ord=float("inf"))))
-
-
-def raise_non_finite(rec: "LayerRecord", attr: str) -> None:
-    """Name the checkpoint tensor holding NaN/Inf in ``rec.staging[attr]``."""
-    staging = rec.staging[attr]
-    slot = rec.slots[attr]
-    for name, piece in rec.pieces.items():
-        if piece.param == slot.full_name and not bool(torch.isfinite(staging[piece.region]).all()):
-            raise NonFiniteWeightError("weight holds NaN or Inf", tensor=name,
-                                       file=rec.notes.get("files", {}).get(name), layer=rec.name)
-    raise NonFiniteWeightError("weight holds NaN or Inf", tensor=slot.full_name, layer=rec.name)
