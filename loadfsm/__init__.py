@@ -5,6 +5,7 @@ from .errors import (CorruptCheckpointError, DtypeMismatchError, DuplicateWeight
                      IllegalTransitionError, IncompleteLoadError, LoadError,
                      NonFiniteWeightError, PushError, ShapeMismatchError,
                      UnexpectedWeightError)
+from .integrations.engine import ShardWriteError, UnknownShardError
 from .quant.config import Fp8Config
 from .report import LoadReport
 from .session import LoadSession
@@ -16,4 +17,5 @@ __all__ = [
     "LoadError", "IllegalTransitionError", "CorruptCheckpointError", "UnexpectedWeightError",
     "DuplicateWeightError", "ShapeMismatchError", "DtypeMismatchError",
     "NonFiniteWeightError", "IncompleteLoadError", "PushError", "WeightSync", "SyncReport",
+    "UnknownShardError", "ShardWriteError",
 ]

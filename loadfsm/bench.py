@@ -84,7 +84,8 @@ def run_naive(path, device, quant, model_name):
         model = build_model(model_name)
         report = load(model, path, quant=None, device=device)
         bf16_bytes, largest_out = report.final_bytes, 0
-        del report                            # its session would keep the bf16 modules alive
+        del report                  # its session (a reference cycle) would keep the bf16
+        gc.collect()                # modules alive through the quantization loop
         linears = [name for name, module in model.named_modules()
                    if type(module) is torch.nn.Linear and not config.excludes(name)]
         for name in linears:                  # each bf16 weight freed once quantized

@@ -30,6 +30,7 @@ from .pieces import Piece
 from .plan import TensorEntry, check_fits, plan_layers
 from .quant.config import resolve_quant
 from .handlers.fp8 import quant_name
+from .integrations.engine_shards import loader_pieces, uses_weight_loaders
 from .report import LoadReport
 from .states import LayerState
 from .trace import Tracer
@@ -79,7 +80,11 @@ class LoadSession:
         self.tracer = Tracer(trace)
         self.ledger = MemoryLedger()
         self.handlers = self._build_handlers(handlers)
+        if (pieces is None and not hasattr(model, "checkpoint_pieces")
+                and uses_weight_loaders(model)):
+            pieces = loader_pieces(model)     # an engine model: pieces are loader calls
         self.plan = plan_layers(model, self.handlers, pieces)              # L1
+        self._hook = None
         self.in_flight: dict[str, LayerRecord] = {}
         self.unexpected: list[str] = []
         self.file_of: Callable[[str], str | None] = lambda name: None
@@ -117,7 +122,7 @@ class LoadSession:
         return session
 
     def _build_handlers(self, extra: Sequence[str]) -> list[Handler]:
-        quant = ["fp8"] if self.quant is not None else []
+        quant = ["fp8", "engine_fp8"] if self.quant is not None else []
         names = [*extra, "kv_scales", *quant, "passthrough"]
         return [HANDLERS[name](self) for name in names]
 
@@ -335,6 +340,55 @@ class LoadSession:
             self._materialize(rec)        # applies every default of the layer
         self._complete(rec, "default")
 
+    # -- engine hook: the engine's own weight_loader writes the pieces ----------------
+    def __enter__(self) -> "LoadSession":
+        """Route the model's ``weight_loader`` calls into this session (the engine hook,
+        ``loadfsm.integrations.engine``): ``with LoadSession(m) as s: m.load_weights(w)``."""
+        from .integrations.engine import EngineHook
+        if self._hook is not None:
+            raise RuntimeError("this LoadSession is already entered")
+        self._hook = EngineHook(self).install()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Give every loader back exactly; on a clean exit finish, keeping ``self.report``."""
+        hook, self._hook = self._hook, None
+        hook.restore()
+        if exc_type is not None:
+            self.abandon()
+            return
+        self.report = self.finish()
+
+    def stage(self, rec: LayerRecord) -> dict[str, torch.Tensor]:
+        """L3 for a caller that writes pieces itself: ``rec``'s staging, materialized at
+        its first piece. Report each written piece with ``arrive_in_place``."""
+        if rec.state is LayerState.META and not rec.staging:
+            self._materialize(rec)
+        return rec.staging
+
+    def arrive_in_place(self, rec: LayerRecord, names: tuple[str, ...], nbytes: int,
+                        **extra) -> None:
+        """Pieces ``names`` were written into ``rec``'s staging by the caller: fire the
+        arrival; the last piece completes, quantizes and finalizes the layer."""
+        if any(name not in rec.missing for name in names):
+            raise DuplicateWeightError("piece arrived twice", tensor=names[0], layer=rec.name)
+        src, dst = rec.fire("arrive")
+        rec.missing.difference_update(names)
+        rec.arrived += 1
+        self._bytes_read += nbytes
+        self._transition(rec, src, dst, "arrive", **extra)
+        if not rec.missing:
+            self._complete(rec, "complete")
+
+    def abandon(self) -> None:
+        """A load that raised: free the staging of every layer in flight. Finalized layers
+        keep their tensors; the others keep their ``meta`` parameters."""
+        for rec in list(self.in_flight.values()):
+            self.ledger.free_staging(rec.staging_bytes)
+            rec.staging, rec.staging_bytes = {}, 0
+        self.in_flight.clear()
+        self.tracer.close()
+
     # -- reload (RL weight sync) ----------------------------------------------------
     def reload(self, rec: LayerRecord) -> None:
         """FINALIZED -> META: expect every piece again; the live kernel tensors stay put."""
@@ -442,7 +496,7 @@ class LoadSession:
             self.ledger.free_staging(rec.staging_bytes)
             rec.staging, rec.staging_bytes = {}, 0
             self.in_flight.pop(name, None)
-        report = self.report(missing)
+        report = self.build_report(missing)
         report.session = self         # reachable for WeightSync; not a report field
         if missing:
             self.tracer.warning("load_incomplete", missing=missing)
@@ -490,7 +544,7 @@ class LoadSession:
         torch.cuda.reset_peak_memory_stats(self.device)
         return torch.cuda.memory_allocated(self.device)
 
-    def report(self, missing: dict[str, list[str]] | None = None) -> LoadReport:
+    def build_report(self, missing: dict[str, list[str]] | None = None) -> LoadReport:
         cuda_peak = None
         if self._cuda_base is not None:
             torch.cuda.synchronize(self.device)

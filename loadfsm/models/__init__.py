@@ -9,13 +9,15 @@ from .attention import DEFAULT_KV_SCALE, Attention, RotaryEmbedding
 from .checkpoint import (ORDERS, TensorSpec, checkpoint_layout, load_reference_model,
                          reference_state_dict, write_checkpoint)
 from .config import CONFIGS, ModelConfig, as_config
+from .engine_llama import EngineLlamaForCausalLM
 from .layers import RMSNorm, StackedExperts
 from .llama import DecoderLayer, LlamaAttention, LlamaForCausalLM, LlamaMLP, LlamaModel
 from .moe import MoEForCausalLM, SparseMoeBlock
 from .registry import MODEL_NAMES, build_model, model_class
 
 __all__ = [
-    "Attention", "CONFIGS", "DEFAULT_KV_SCALE", "DecoderLayer", "LlamaAttention",
+    "Attention", "CONFIGS", "DEFAULT_KV_SCALE", "DecoderLayer", "EngineLlamaForCausalLM",
+    "LlamaAttention",
     "LlamaForCausalLM", "LlamaMLP", "LlamaModel", "MODEL_NAMES", "MoEForCausalLM",
     "ModelConfig", "ORDERS", "RMSNorm", "RotaryEmbedding", "SparseMoeBlock",
     "StackedExperts", "TensorSpec", "as_config", "build_model", "checkpoint_layout",

@@ -1,0 +1,108 @@
+"""Checkpoint tensors that read only the slice a tensor-parallel rank asks for.
+
+``safetensors_weights(path)`` yields every checkpoint tensor as a ``LazySlice``:
+``narrow`` only narrows what will be read, and the first torch op that needs the data
+(an engine loader's ``copy_``) reads just that region from the file with safetensors
+``get_slice``. Engine loaders written for tensors (``loaded_weight.narrow(...)``,
+``param.data.copy_(loaded_weight)``, ``loaded_weight.shape``) work unchanged, and each
+rank reads only its shard.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+from .safetensors_dir import SafetensorsSource
+
+
+class LazySlice:
+    """A checkpoint tensor not read yet: shape and dtype, ``narrow`` to a region, and the
+    data of that region only when a torch op needs it (``__torch_function__``)."""
+
+    def __init__(self, weights: "SafetensorsWeights", name: str, index: tuple[slice, ...],
+                 dtype: torch.dtype):
+        self._weights, self.name, self._index, self.dtype = weights, name, index, dtype
+        self.shape = torch.Size(s.stop - s.start for s in index)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def narrow(self, dim: int, start: int, length: int) -> "LazySlice":
+        """The region ``[start, start + length)`` of ``dim``, as ``Tensor.narrow`` (no read)."""
+        dim %= self.ndim
+        if start < 0 or length < 0 or start + length > self.shape[dim]:
+            raise RuntimeError(f"start ({start}) + length ({length}) exceeds dimension size "
+                               f"({self.shape[dim]}) of {self.name}")
+        base = self._index[dim].start
+        index = list(self._index)
+        index[dim] = slice(base + start, base + start + length)
+        return LazySlice(self._weights, self.name, tuple(index), self.dtype)
+
+    def read(self) -> torch.Tensor:
+        """The region's data, read from the file now."""
+        return self._weights.read(self.name, self._index)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return func(*_read_all(args), **_read_all(kwargs or {}))
+
+    def __repr__(self) -> str:
+        region = ", ".join(f"{s.start}:{s.stop}" for s in self._index)
+        return f"LazySlice({self.name}[{region}], dtype={self.dtype})"
+
+
+def _read_all(value):
+    if isinstance(value, LazySlice):
+        return value.read()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_read_all(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _read_all(v) for k, v in value.items()}
+    return value
+
+
+class SafetensorsWeights:
+    """``(name, LazySlice)`` for every tensor of a safetensors file or directory, in file
+    order; ``bytes_read`` counts the bytes actually read.
+
+    Args:
+        path: a ``.safetensors`` file or a directory of shards (index optional).
+    """
+
+    def __init__(self, path: str | Path):
+        self._entries = SafetensorsSource(path).entries()   # headers only, validated
+        self._handles: dict[str, object] = {}
+        self.bytes_read = 0
+
+    def __iter__(self) -> Iterator[tuple[str, LazySlice]]:
+        for name, entry in self._entries.items():
+            yield name, LazySlice(self, name, tuple(slice(0, n) for n in entry.shape),
+                                  entry.dtype)
+
+    def read(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
+        file = self._entries[name].file
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = self._handles[file] = safe_open(file, framework="pt", device="cpu")
+        tensor = handle.get_slice(name)[index] if index else handle.get_tensor(name)
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+
+def safetensors_weights(path: str | Path) -> SafetensorsWeights:
+    """The lazy weights iterator an engine's ``load_weights`` takes (see module doc)."""
+    return SafetensorsWeights(path)

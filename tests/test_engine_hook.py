@@ -1,0 +1,232 @@
+"""Engine hook: an engine's own load_weights drives the layer machines, FP8 included."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from structlog.testing import capture_logs
+from torch import nn
+
+import loadfsm
+from loadfsm.models import CONFIGS, build_model, write_checkpoint
+from loadfsm.models.engine_layers import QKVParallelLinear
+from loadfsm.models.engine_llama import EngineLlamaForCausalLM
+from loadfsm.sources.safetensors_slices import safetensors_weights
+
+# Padded vocab (500 -> 512 rows), fused qkv / gate_up, small enough for well under a second.
+SMALL = replace(CONFIGS["tiny"], vocab_size=500, pad_vocab_to=64, hidden_size=64,
+                intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                max_seq_len=16)
+SMALL_MOE = replace(SMALL, num_experts=4, experts_per_token=2, moe_intermediate_size=64)
+QKV0 = "model.layers.0.self_attn.qkv_proj"
+# engine parameter names -> reference model names
+_RENAME = {"experts.w13_weight": "experts.gate_up_proj", "experts.w2_weight": "experts.down_proj"}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {cfg: write_checkpoint(cfg, root / str(k), max_shard_bytes=200_000)
+            for k, cfg in enumerate((SMALL, SMALL_MOE))}
+
+
+def engine_model(config=SMALL):
+    with torch.device("meta"):
+        return EngineLlamaForCausalLM(config, dtype=torch.bfloat16)
+
+
+def hook_load(config, path, quant=None, **kwargs):
+    model = engine_model(config)
+    with loadfsm.LoadSession(model, quant=quant, device="cpu", **kwargs) as session:
+        model.load_weights(safetensors_weights(path))
+    return model, session
+
+
+def _same(a, b):
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+
+
+def _reference_names(state):
+    out = {}
+    for name, tensor in state.items():
+        for old, new in _RENAME.items():
+            name = name.replace(old, new)
+        out[name] = tensor
+    return out
+
+
+@pytest.mark.parametrize("quant", [None, "fp8", "fp8-channel", "fp8-block"],
+                         ids=["bf16", "fp8", "fp8ch", "fp8blk"])
+@pytest.mark.parametrize("config", [SMALL, SMALL_MOE], ids=["dense", "moe"])
+def test_hook_load_is_bit_identical_to_loadfsm_load(checkpoints, config, quant):
+    """Every layer FINALIZED; tensors and logits equal loadfsm.load into the reference model."""
+    model, session = hook_load(config, checkpoints[config], quant)
+    reference = build_model(config)
+    loadfsm.load(reference, checkpoints[config], quant=quant, device="cpu")
+    report = session.report
+    assert report.states["FINALIZED"] == len(report.layer_states)
+    assert report.peak_bytes <= report.final_bytes + 2 * report.largest_layer_bytes
+    got, want = _reference_names(model.state_dict()), reference.state_dict()
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        assert _same(got[name], tensor), name
+    ids = torch.randint(0, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids), reference(ids))
+
+
+def test_fused_qkv_transition_sequence_is_exact(checkpoints):
+    """Three shard calls: arrive x3 (k, q, v), complete, quantize, finalize, nothing else."""
+    with capture_logs() as logs:
+        hook_load(SMALL, checkpoints[SMALL], "fp8", trace=True)
+    events = [e for e in logs if e["event"] == "layer_transition" and e["layer"] == QKV0]
+    assert [(e["src"], e["dst"], e["trigger"]) for e in events] == [
+        ("META", "PARTIAL", "arrive"), ("PARTIAL", "PARTIAL", "arrive"),
+        ("PARTIAL", "PARTIAL", "arrive"), ("PARTIAL", "COMPLETE", "complete"),
+        ("COMPLETE", "QUANTIZED", "quantize"), ("QUANTIZED", "FINALIZED", "finalize")]
+    # safetensors lists names sorted, so k_proj comes first
+    assert [e["piece"] for e in events[:3]] == [f"{QKV0}.weight[{s}]" for s in "kqv"]
+    assert [e["shard"] for e in events[:3]] == ["k", "q", "v"]
+
+
+def test_padding_rows_are_zero_filled(checkpoints):
+    """Vocab rows past the checkpoint (written by no loader call) are zero, and traced."""
+    with capture_logs() as logs:
+        model, _ = hook_load(SMALL, checkpoints[SMALL], trace=True)
+    for weight in (model.model.embed_tokens.weight, model.lm_head.weight):
+        assert weight.shape[0] == 512 and not weight[500:].any() and weight[:500].any()
+    padded = [e["layer"] for e in logs if e["event"] == "layer_padded"]
+    assert padded == ["model.embed_tokens", "lm_head"]
+
+
+def _loader_snapshot(model):
+    return {name: (p, dict(vars(p))) for name, p in model.named_parameters()}
+
+
+def _assert_restored(snapshot):
+    for name, (param, attrs) in snapshot.items():
+        assert vars(param).keys() == attrs.keys(), name
+        assert all(vars(param)[k] is v for k, v in attrs.items()), name
+
+
+def test_loaders_restored_on_exit(checkpoints):
+    """After the session each engine parameter holds exactly its own loader object, and the
+    full-precision parameters installed in its place carry the same one."""
+    model = engine_model()
+    snapshot = _loader_snapshot(model)
+    with loadfsm.LoadSession(model, device="cpu") as session:
+        wrapped = model.lm_head.weight.weight_loader
+        model.load_weights(safetensors_weights(checkpoints[SMALL]))
+    assert wrapped is not snapshot["lm_head.weight"][1]["weight_loader"]
+    _assert_restored(snapshot)
+    assert session.report.states["FINALIZED"] == 17
+    for name, param in model.named_parameters():
+        meta, attrs = snapshot[name]
+        assert param is not meta and not param.is_meta
+        assert getattr(param, "weight_loader", None) is attrs.get("weight_loader"), name
+
+
+def test_loaders_restored_when_the_load_raises(checkpoints):
+    """An exception midway restores every loader, frees staging and finishes nothing."""
+    model = engine_model()
+    snapshot = _loader_snapshot(model)
+
+    def failing():
+        for k, item in enumerate(safetensors_weights(checkpoints[SMALL])):
+            if k == 7:
+                raise OSError("disk gone")
+            yield item
+
+    session = loadfsm.LoadSession(model, device="cpu")
+    with pytest.raises(OSError, match="disk gone"), session:
+        model.load_weights(failing())
+    _assert_restored(snapshot)
+    assert "report" not in vars(session)
+    assert session.in_flight == {} and session.ledger.staging == 0
+    assert model.model.layers[1].mlp.down_proj.weight.is_meta
+
+
+def test_duplicate_shard_call_raises(checkpoints):
+    """The same shard loaded twice raises DuplicateWeightError naming parameter and shard."""
+    weights = list(safetensors_weights(checkpoints[SMALL]))
+    q = next(item for item in weights if item[0] == "model.layers.0.self_attn.q_proj.weight")
+    model = engine_model()
+    with pytest.raises(loadfsm.DuplicateWeightError, match=r"qkv_proj.weight.*'q'") as err:
+        with loadfsm.LoadSession(model, device="cpu"):
+            model.load_weights([q, q])
+    assert err.value.tensor == f"{QKV0}.weight[q]" and err.value.layer == QKV0
+
+
+def test_unknown_shard_id_raises():
+    """A shard id the parameter does not have raises UnknownShardError before any write."""
+    model = engine_model()
+    param = model.model.layers[0].self_attn.qkv_proj.weight
+    with pytest.raises(loadfsm.UnknownShardError, match="its shards are k, q, v") as err:
+        with loadfsm.LoadSession(model, device="cpu") as session:
+            param.weight_loader(param, torch.zeros(64, 64, dtype=torch.bfloat16), "x")
+    assert (err.value.param, err.value.shard) == (f"{QKV0}.weight", "x")
+    assert session.plan.layers[QKV0].state is loadfsm.LayerState.META
+
+
+class OverrunQKV(QKVParallelLinear):
+    """Its v shard starts 16 rows late, so it runs past the end of the parameter."""
+
+    def weight_loader(self, param, loaded_weight, loaded_shard_id):
+        if loaded_shard_id != "v":
+            return super().weight_loader(param, loaded_weight, loaded_shard_id)
+        param.data.narrow(0, self.q_size + self.kv_size + 16, self.kv_size).copy_(loaded_weight)
+
+
+class MisplacedQKV(QKVParallelLinear):
+    """Its k shard lands on the q rows."""
+
+    def weight_loader(self, param, loaded_weight, loaded_shard_id):
+        offset = 0 if loaded_shard_id == "k" else self._shard(loaded_shard_id)[0]
+        param.data.narrow(0, offset, loaded_weight.shape[0]).copy_(loaded_weight)
+
+
+class FusedQKVEngineModel(nn.Module):
+    def __init__(self, qkv_class):
+        super().__init__()
+        self.qkv_proj = qkv_class(64, 16, 4, 2, dtype=torch.bfloat16)   # q 64, k 32, v 32 rows
+
+
+@pytest.mark.parametrize("qkv_class, shard, match", [
+    (OverrunQKV, "v", "exceeds dimension size"),
+    (MisplacedQKV, "k", r"wrote \[0:32, 0:64\], outside its region \[64:96, 0:64\]"),
+], ids=["outside-parameter", "outside-shard"])
+def test_write_outside_its_region_raises(qkv_class, shard, match):
+    """A loader writing past the parameter or outside its shard raises ShardWriteError."""
+    with torch.device("meta"):
+        model = FusedQKVEngineModel(qkv_class)
+    param = model.qkv_proj.weight
+    rows = {"q": 64, "k": 32, "v": 32}
+    with pytest.raises(loadfsm.ShardWriteError, match=match) as err:
+        with loadfsm.LoadSession(model, device="cpu"):
+            for s in "qkv":
+                param.weight_loader(param, torch.ones(rows[s], 64, dtype=torch.bfloat16), s)
+    assert (err.value.param, err.value.shard) == ("qkv_proj.weight", shard)
+    assert "weight_loader" not in vars(param) or param.weight_loader.__self__ is model.qkv_proj
+
+
+def test_missing_shard_is_reported_by_piece():
+    """A layer whose k and v calls never came is listed with exactly those pieces."""
+    with torch.device("meta"):
+        model = FusedQKVEngineModel(QKVParallelLinear)
+    param = model.qkv_proj.weight
+    with pytest.raises(loadfsm.IncompleteLoadError) as err:
+        with loadfsm.LoadSession(model, device="cpu"):
+            param.weight_loader(param, torch.ones(64, 64, dtype=torch.bfloat16), "q")
+    assert err.value.missing == {"qkv_proj": ["qkv_proj.weight[k]", "qkv_proj.weight[v]"]}
+
+
+def test_lazy_slices_read_only_what_loaders_take(checkpoints):
+    """Through the lazy iterator the hook load reads each checkpoint byte exactly once."""
+    weights = safetensors_weights(checkpoints[SMALL])
+    model = engine_model()
+    with loadfsm.LoadSession(model, device="cpu"):
+        model.load_weights(weights)
+    total = sum(t.numel() * t.element_size() for _, t in
+                ((n, s.read()) for n, s in safetensors_weights(checkpoints[SMALL])))
+    assert weights.bytes_read == total
