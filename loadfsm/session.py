@@ -205,21 +205,29 @@ class LoadSession:
                 self._materialize(rec, alias=tensor)
             else:
                 self._materialize(rec)
-        src, dst = rec.fire("arrive")
         if rec.aliased:
             written = tensor
         else:
             target = rec.staging[rec.slot_attr(into.param)]
             written = target[into.region] if into.region else target
+            # non_blocking: a pinned source buffer overlaps the copy with the next read.
             written.copy_(tensor, non_blocking=True)
             del target
-        if written.is_floating_point():
-            # NaN/Inf check without a device sync: max|x| is NaN or Inf iff x holds one.
-            rec.norms.append((names, torch.linalg.vector_norm(written, ord=float("inf"))))
+        self._arrived(rec, names, [written], nbytes(tensor), **extra)
+
+    def _arrived(self, rec: LayerRecord, names: tuple[str, ...], written: list[torch.Tensor],
+                 nbytes_in: int, **extra) -> None:
+        """Pieces ``names`` are in ``rec``'s staging (``written`` views): fire the arrival;
+        the last piece completes, quantizes and finalizes the layer."""
+        src, dst = rec.fire("arrive")
+        for view in written:
+            if view.is_floating_point():
+                # NaN/Inf check without a device sync: max|x| is NaN or Inf iff x holds one.
+                rec.norms.append((names, torch.linalg.vector_norm(view, ord=float("inf"))))
         del written
         rec.missing.difference_update(names)
         rec.arrived += 1
-        self._bytes_read += nbytes(tensor)
+        self._bytes_read += nbytes_in
         self._transition(rec, src, dst, "arrive", **extra)
         if not rec.missing:
             self._complete(rec, "complete")
@@ -229,7 +237,8 @@ class LoadSession:
         """A reload whose one tensor is the whole one-slot layer, already on the device in
         the slot's dtype, needs no staging copy when the handler makes new tensors of it
         (FP8): those are held and committed, never the caller's tensor itself."""
-        if not rec.reloading or not rec.handler.makes_new_tensors or into.region or len(rec.slots) != 1 or len(names) != len(rec.missing):
+        if (not rec.reloading or not rec.handler.makes_new_tensors or into.region
+                or len(rec.slots) != 1 or len(names) != len(rec.missing)):
             return False
         slot = next(iter(rec.slots.values()))
         return (tensor.device == self.device and tensor.dtype == slot.dtype
@@ -372,13 +381,12 @@ class LoadSession:
         arrival; the last piece completes, quantizes and finalizes the layer."""
         if any(name not in rec.missing for name in names):
             raise DuplicateWeightError("piece arrived twice", tensor=names[0], layer=rec.name)
-        src, dst = rec.fire("arrive")
-        rec.missing.difference_update(names)
-        rec.arrived += 1
-        self._bytes_read += nbytes
-        self._transition(rec, src, dst, "arrive", **extra)
-        if not rec.missing:
-            self._complete(rec, "complete")
+        written = []
+        for name in names:
+            piece = rec.pieces[name]
+            target = rec.staging[rec.slot_attr(piece.param)]
+            written.append(target[piece.region] if piece.region else target)
+        self._arrived(rec, names, written, nbytes, **extra)
 
     def abandon(self) -> None:
         """A load that raised: free the staging of every layer in flight. Finalized layers

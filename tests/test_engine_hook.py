@@ -230,3 +230,18 @@ def test_lazy_slices_read_only_what_loaders_take(checkpoints):
     total = sum(t.numel() * t.element_size() for _, t in
                 ((n, s.read()) for n, s in safetensors_weights(checkpoints[SMALL])))
     assert weights.bytes_read == total
+
+
+@pytest.mark.parametrize("quant", [None, "fp8"], ids=["bf16", "fp8"])
+def test_nan_written_by_the_engine_raises_naming_the_shard(quant):
+    """NaN in one shard the engine's loader wrote raises NonFiniteWeightError naming it."""
+    from loadfsm.models import reference_state_dict
+    state = reference_state_dict(SMALL)
+    name = "model.layers.1.self_attn.v_proj.weight"
+    state[name] = state[name].clone()
+    state[name][0, 0] = float("nan")
+    model = engine_model()
+    with pytest.raises(loadfsm.NonFiniteWeightError, match=r"qkv_proj.weight\[v\]") as err:
+        with loadfsm.LoadSession(model, quant=quant, device="cpu"):
+            model.load_weights(state.items())
+    assert err.value.layer == "model.layers.1.self_attn.qkv_proj"

@@ -27,7 +27,7 @@ from .config import ModelConfig, as_config
 from .engine_layers import (FusedMoE, MergedColumnParallelLinear,
                             ParallelLMHead, QKVParallelLinear, ReplicatedLinear,
                             RowParallelLinear, VocabParallelEmbedding, default_weight_loader)
-from .layers import RMSNorm
+from .layers import RMSNorm, route_top_k
 
 
 class EngineAttention(nn.Module):
@@ -81,9 +81,7 @@ class EngineMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                     # [T, H]
-        probs = self.gate(x).float().softmax(dim=-1)                     # [T, E]
-        topk_weights, topk_ids = probs.topk(self.top_k, dim=-1)          # [T, k]
-        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+        topk_weights, topk_ids = route_top_k(self.gate(x), self.top_k)  # [T, k]
         return self.experts(x, topk_ids, topk_weights).view(shape)
 
 

@@ -20,6 +20,16 @@ class RMSNorm(nn.Module):
         return (xf * self.weight.float()).to(x.dtype)
 
 
+def route_top_k(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax router, top-k experts per token, weights renormalized over the chosen ones.
+
+    router_logits: [T, E] -> (topk_weights [T, k] float32, topk_ids [T, k]).
+    """
+    probs = router_logits.float().softmax(dim=-1)
+    topk_weights, topk_ids = probs.topk(top_k, dim=-1)
+    return topk_weights / topk_weights.sum(dim=-1, keepdim=True), topk_ids
+
+
 class StackedExperts(nn.Module):
     """SwiGLU weights of ``E`` experts stacked in two parameters.
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..pieces import Piece, fused_rows
 from .config import ModelConfig
-from .layers import StackedExperts
+from .layers import StackedExperts, route_top_k
 from .llama import LlamaForCausalLM
 
 
@@ -32,9 +32,7 @@ class SparseMoeBlock(nn.Module):
         # x: [B, S, H]
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                     # [T, H]
-        probs = self.gate(x).float().softmax(dim=-1)                     # [T, E]
-        topk_weights, topk_ids = probs.topk(self.top_k, dim=-1)          # [T, k]
-        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+        topk_weights, topk_ids = route_top_k(self.gate(x), self.top_k)  # [T, k]
         return self.experts(x, topk_ids, topk_weights).view(shape)
 
     def layer_pieces(self, prefix: str) -> list[Piece]:
