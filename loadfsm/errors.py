@@ -33,6 +33,13 @@ class UnexpectedWeightError(LoadError):
         super().__init__(message, **where)
         self.names = sorted(names or [])
 
+    @classmethod
+    def listing(cls, names, file: str | None = None) -> "UnexpectedWeightError":
+        """One error listing every unexpected name, sorted."""
+        names = sorted(names)
+        return cls(f"{len(names)} tensor(s) match no parameter of the model: "
+                   f"{', '.join(names)}", names=names, tensor=names[0], file=file)
+
 
 class DuplicateWeightError(LoadError):
     """The same piece arrived twice, or two files carry the same tensor."""
@@ -59,6 +66,19 @@ class IncompleteLoadError(LoadError):
     def __init__(self, message: str, *, missing: dict[str, list[str]], **where):
         super().__init__(message, **where)
         self.missing = missing
+
+    @classmethod
+    def listing(cls, missing: dict[str, list[str]],
+                index: dict[str, str] | None = None) -> "IncompleteLoadError":
+        """One error listing, per layer, the missing names (and the file an index
+        promised for them)."""
+        index = index or {}
+        lines = []
+        for layer, names in missing.items():
+            shown = [f"{n} (index: {index[n]})" if n in index else n for n in names]
+            lines.append(f"  {layer}: missing {', '.join(shown)}")
+        return cls(f"{len(missing)} layer(s) did not receive all their pieces:\n"
+                   + "\n".join(lines), missing=missing, layer=next(iter(missing)))
 
 
 class PushError(LoadError):

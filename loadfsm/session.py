@@ -144,7 +144,7 @@ class LoadSession:
             else:
                 self.unexpected.append(name)
         if self.unexpected and self.strict:
-            raise self._unexpected_error()
+            raise self._unexpected()
         missing: dict[str, list[str]] = {}
         for name in [n for n in by_ckpt if n not in entries]:
             rec = by_ckpt[name]
@@ -155,7 +155,7 @@ class LoadSession:
                 missing.setdefault(rec.name, []).append(name)
         missing = self._absent = {layer: sorted(names) for layer, names in missing.items()}
         if missing and self.strict:
-            raise self._incomplete_error(missing)
+            raise IncompleteLoadError.listing(missing, self._index)
         # Layers that cannot complete are not read: they stay META, nothing half-loaded.
         return [name for rec in self.plan.layers.values() if rec.name not in missing
                 for name in rec.pieces if name in entries]
@@ -260,7 +260,7 @@ class LoadSession:
             return None
         self.unexpected.append(name)
         if self.strict:
-            raise self._unexpected_error()
+            raise self._unexpected()
         return None
 
     def _materialize(self, rec: LayerRecord, alias: torch.Tensor | None = None) -> None:
@@ -514,7 +514,7 @@ class LoadSession:
                                               if k != "layer_states"})
         self.tracer.close()
         if missing and self.strict:
-            raise self._incomplete_error(missing)
+            raise IncompleteLoadError.listing(missing, self._index)
         return report
 
     def _compute_buffers(self) -> None:
@@ -529,20 +529,8 @@ class LoadSession:
         return {rec.name: self._absent.get(rec.name) or rec.required_missing()
                 for rec in self.plan.layers.values() if rec.required_missing()}
 
-    def _incomplete_error(self, missing: dict[str, list[str]]) -> IncompleteLoadError:
-        lines = []
-        for layer, names in missing.items():
-            shown = [f"{n} (index: {self._index[n]})" if n in self._index else n for n in names]
-            lines.append(f"  {layer}: missing {', '.join(shown)}")
-        return IncompleteLoadError(
-            f"{len(missing)} layer(s) did not receive all their pieces:\n" + "\n".join(lines),
-            missing=missing, layer=next(iter(missing)))
-
-    def _unexpected_error(self) -> UnexpectedWeightError:
-        names = sorted(self.unexpected)
-        return UnexpectedWeightError(
-            f"{len(names)} tensor(s) match no parameter of the model: {', '.join(names)}",
-            names=names, tensor=names[0], file=self.file_of(names[0]))
+    def _unexpected(self) -> UnexpectedWeightError:
+        return UnexpectedWeightError.listing(self.unexpected, self.file_of(min(self.unexpected)))
 
     # -- report ------------------------------------------------------------------------
     def _cuda_reset(self) -> int | None:
