@@ -77,6 +77,8 @@ class LoadSession:
         self.commit_bytes = COMMIT_BYTES
         self.committed: list[str] = []
         self._held_bytes = 0
+        self._unverified: list[LayerRecord] = []     # first load: finalized, not yet verified
+        self._unverified_bytes = 0
         self.tracer = Tracer(trace)
         self.ledger = MemoryLedger()
         self.handlers = self._build_handlers(handlers)
@@ -297,7 +299,11 @@ class LoadSession:
         self._transition(rec, src, dst, trigger)
         self.quantize(rec)
         if not rec.reloading:
-            self.finalize(rec)            # first load: nothing live; verified in finish()
+            self.finalize(rec)            # first load: nothing live yet, verified in batches
+            self._unverified.append(rec)
+            self._unverified_bytes += rec.final_bytes
+            if self._unverified_bytes >= self.commit_bytes:
+                self._verify_loaded()     # fail early on a bad shard, one sync per batch
             return
         self.held.append(rec)
         self._held_bytes += rec.final_bytes
@@ -318,6 +324,10 @@ class LoadSession:
             raise
         for rec in held:
             self.finalize(rec)
+
+    def _verify_loaded(self) -> None:
+        recs, self._unverified, self._unverified_bytes = self._unverified, [], 0
+        self.verify(recs)
 
     def verify(self, recs) -> None:
         """Raise ``NonFiniteWeightError`` naming the first piece of ``recs`` with NaN/Inf.
@@ -495,8 +505,7 @@ class LoadSession:
             if rec.state is LayerState.FINALIZED or rec.required_missing():
                 continue
             self.complete_with_defaults(rec)
-        self.verify(rec for rec in self.plan.layers.values()
-                    if rec.state is LayerState.FINALIZED)
+        self._verify_loaded()
         self._compute_buffers()
         missing = self._missing()
         for name in missing:                  # incomplete layers keep no staging

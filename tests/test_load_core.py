@@ -168,3 +168,17 @@ def test_non_strict_reports_missing_and_unexpected(tmp_path):
     assert report.missing == {"down": ["down.bias"]} and report.unexpected == ["zzz"]
     assert report.layer_states["down"] == "META" and model.down.weight.is_meta
     assert report.layer_states["up"] == "FINALIZED"
+
+
+def test_nan_found_before_the_whole_model_is_read(tmp_path, monkeypatch):
+    """With a small verification batch, a NaN in the first layers stops the load early."""
+    import loadfsm.session as session_module
+    from loadfsm.models import build_model, reference_state_dict
+    monkeypatch.setattr(session_module, "COMMIT_BYTES", 1)
+    state = reference_state_dict("tiny")
+    state["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    model = build_model("tiny")
+    with pytest.raises(loadfsm.NonFiniteWeightError, match="up_proj") as err:
+        loadfsm.load(model, state.items(), quant="fp8", device="cpu")
+    assert err.value.layer == "model.layers.0.mlp.gate_up_proj"
+    assert model.lm_head.weight.is_meta          # never reached
