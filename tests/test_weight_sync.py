@@ -398,3 +398,25 @@ def test_nan_in_a_held_batch_commits_none_of_it():
     assert isinstance(info.value.__cause__, loadfsm.NonFiniteWeightError)
     assert name in str(info.value.__cause__) and info.value.committed == []
     _assert_equal_models(model, old)
+
+
+def test_commit_checks_every_tensor_before_copying(monkeypatch, fresh):
+    """A result that cannot fit its live tensor fails the commit before any copy."""
+    from loadfsm.handlers.fp8 import Fp8Handler
+    model, sync = _engine(SMALL, commit_bytes=0)
+    old = _snapshot(model)
+    real = Fp8Handler.quantize
+
+    def bad_scale(self, rec):
+        results = real(self, rec)
+        results["weight_scale"] = results["weight_scale"].reshape(1, -1).repeat(1, 2)
+        return results
+
+    monkeypatch.setattr(Fp8Handler, "quantize", bad_scale)
+    with pytest.raises(loadfsm.PushError) as info:
+        sync.push(reference_state_dict(SMALL, 1).items())
+    assert isinstance(info.value.__cause__, loadfsm.ShapeMismatchError)
+    failed = info.value.__cause__.layer
+    verdict = _layers_old_or_new(model, old, fresh(SMALL, 1))
+    assert verdict[failed] == "old" and failed not in info.value.committed
+    assert sorted(info.value.committed) == sorted(k for k, v in verdict.items() if v == "new")

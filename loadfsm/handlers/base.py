@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Callable, ClassVar
 import torch
 from torch import nn
 
+from ..errors import ShapeMismatchError
+
 
 if TYPE_CHECKING:
     from ..layer import LayerRecord
@@ -81,7 +83,19 @@ class Handler:
         return {attr: getattr(rec.module, attr) for attr in rec.slots}
 
     def commit(self, rec: "LayerRecord") -> None:
-        """Reload: copy the new results into the live tensors, keeping their storage."""
+        """Reload: copy the new results into the live tensors, keeping their storage.
+
+        Every pair is checked before the first copy, so a mismatch leaves the layer
+        wholly old rather than half-written.
+        """
         live = self.live_tensors(rec)
+        for attr, tensor in rec.results.items():
+            target = live.get(attr)
+            if target is None or target.shape != tensor.shape or target.dtype != tensor.dtype:
+                raise ShapeMismatchError(
+                    f"new {attr} {tuple(tensor.shape)} {tensor.dtype} does not fit the live "
+                    f"tensor {None if target is None else (tuple(target.shape), target.dtype)}",
+                    tensor=rec.slots[attr].full_name if attr in rec.slots else attr,
+                    layer=rec.name)
         for attr, tensor in rec.results.items():
             live[attr].data.copy_(tensor)
