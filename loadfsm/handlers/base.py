@@ -60,7 +60,8 @@ class Handler:
 
     def defaults(self, rec: "LayerRecord", pieces: list) -> None:
         """Fill optional pieces the checkpoint did not carry."""
-        raise NotImplementedError(f"handler {self.name!r} has no defaults for {rec.name}")
+        raise ValueError(f"{rec.name} declares optional pieces, but its handler "
+                         f"{self.name!r} has no defaults for them")
 
     # Whether ``quantize`` returns new tensors rather than the staging tensors themselves.
     makes_new_tensors: ClassVar[bool] = False

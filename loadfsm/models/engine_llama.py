@@ -27,7 +27,7 @@ from .config import ModelConfig, as_config
 from .engine_layers import (FusedMoE, MergedColumnParallelLinear,
                             ParallelLMHead, QKVParallelLinear, ReplicatedLinear,
                             RowParallelLinear, VocabParallelEmbedding, default_weight_loader)
-from .layers import RMSNorm, route_top_k
+from .layers import RMSNorm, moe_forward
 
 
 class EngineAttention(nn.Module):
@@ -79,10 +79,8 @@ class EngineMoE(nn.Module):
                                 config.moe_intermediate_size, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])                                     # [T, H]
-        topk_weights, topk_ids = route_top_k(self.gate(x), self.top_k)  # [T, k]
-        return self.experts(x, topk_ids, topk_weights).view(shape)
+        # x: [B, S, H]
+        return moe_forward(self.gate, self.experts, self.top_k, x)
 
 
 class EngineDecoderLayer(nn.Module):

@@ -30,6 +30,18 @@ def route_top_k(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, 
     return topk_weights / topk_weights.sum(dim=-1, keepdim=True), topk_ids
 
 
+def moe_forward(gate: nn.Module, experts: nn.Module, top_k: int,
+                x: torch.Tensor) -> torch.Tensor:
+    """Route each token to its top-k experts and sum their weighted outputs.
+
+    x: [..., H] -> [..., H]; ``experts(x [T, H], topk_ids, topk_weights)``.
+    """
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])                                         # [T, H]
+    topk_weights, topk_ids = route_top_k(gate(x), top_k)                 # [T, k]
+    return experts(x, topk_ids, topk_weights).view(shape)
+
+
 class StackedExperts(nn.Module):
     """SwiGLU weights of ``E`` experts stacked in two parameters.
 

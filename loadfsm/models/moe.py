@@ -12,7 +12,7 @@ from torch import nn
 
 from ..pieces import Piece, fused_rows
 from .config import ModelConfig
-from .layers import StackedExperts, route_top_k
+from .layers import StackedExperts, moe_forward
 from .llama import LlamaForCausalLM
 
 
@@ -30,10 +30,7 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, S, H]
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])                                     # [T, H]
-        topk_weights, topk_ids = route_top_k(self.gate(x), self.top_k)  # [T, k]
-        return self.experts(x, topk_ids, topk_weights).view(shape)
+        return moe_forward(self.gate, self.experts, self.top_k, x)
 
     def layer_pieces(self, prefix: str) -> list[Piece]:
         """Pieces under ``prefix`` (``"model.layers.N.mlp."``): one per expert tensor."""
