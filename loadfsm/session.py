@@ -5,11 +5,14 @@ The steps of one load, cited below as L1..L6:
   L2 match the plan against the source's headers: shapes, dtypes, unknown and
      missing names fail before a byte of data is read;
   L3 read in layer order; a layer's first piece materializes its staging (META -> PARTIAL);
-  L4 its last piece completes it; the handler checks and quantizes it and its
-     staging is freed at once (COMPLETE -> QUANTIZED);
-  L5 the handler installs the kernel tensors (QUANTIZED -> FINALIZED);
-  L6 the finalize sweep: defaults for optional pieces, non-persistent buffers,
-     strictness, the report.
+     each piece's max|x| is recorded on the device (NaN/Inf show there, no sync);
+  L4 its last piece completes it; the handler quantizes it and its staging is
+     freed at once (COMPLETE -> QUANTIZED);
+  L5 the handler installs the kernel tensors (QUANTIZED -> FINALIZED); every
+     ``commit_bytes`` the recorded max|x| are verified with one device sync. On a
+     reload, results wait in ``held`` until verified, then are copied in place;
+  L6 the finalize sweep: defaults for optional pieces, the last verification,
+     non-persistent buffers, strictness, the report.
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ from .layer import LayerRecord
 from .ledger import MemoryLedger, nbytes
 from .pieces import Piece
 from .plan import TensorEntry, check_fits, plan_layers
-from .quant.config import resolve_quant
 from .handlers.fp8 import quant_name
 from .integrations.engine_shards import loader_pieces, uses_weight_loaders
+from .quant.config import resolve_quant
 from .report import LoadReport
 from .states import LayerState
 from .trace import Tracer
