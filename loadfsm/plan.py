@@ -147,7 +147,9 @@ def check_fits(rec: LayerRecord, piece: Piece, shape, dtype: torch.dtype,
                                  f"{_region_text(piece)}, which needs {want}",
                                  tensor=piece.ckpt_name, file=file, layer=rec.name)
     target = rec.slots[rec.slot_attr(piece.param)].dtype
-    if dtype != target and not (dtype.is_floating_point and target.is_floating_point):
+    if dtype != target and not (dtype.is_floating_point and target.is_floating_point
+                                and target.itemsize > 1 and dtype.itemsize > 1):
+        # Casting into or out of FP8 without its scales would silently corrupt values.
         raise DtypeMismatchError(f"dtype {dtype} cannot load into {target} {piece.param}",
                                  tensor=piece.ckpt_name, file=file, layer=rec.name)
 

@@ -39,7 +39,7 @@ from .states import LayerState
 from .trace import Tracer
 
 
-COMMIT_BYTES = 512 << 20     # quantized reload results held before one verification
+COMMIT_BYTES = 512 << 20     # bytes loaded (or reload results held) per NaN/Inf verification
 
 
 def default_device() -> torch.device:
@@ -118,6 +118,14 @@ class LoadSession:
         tensors = [t for t in model.parameters()] + [b for b in model.buffers()]
         if any(t.is_meta for t in tensors):
             raise ValueError("model still has tensors on meta; load it first")
+        opaque = [name for name, module in model.named_modules()
+                  if not hasattr(module, "full_precision_slots")
+                  and any(p.dtype.itemsize == 1 and p.is_floating_point()
+                          for p in module.parameters(recurse=False))]
+        if opaque:
+            raise ValueError(f"FP8 parameters in modules that do not say what feeds them "
+                             f"(no full_precision_slots): {opaque[:3]}; pass the load's "
+                             f"session to WeightSync instead of re-planning")
         device = tensors[0].device if tensors else default_device()
         session = cls(model, quant=next(iter(configs), None), device=device, trace=trace)
         for rec in session.plan.layers.values():

@@ -182,3 +182,13 @@ def test_nan_found_before_the_whole_model_is_read(tmp_path, monkeypatch):
         loadfsm.load(model, state.items(), quant="fp8", device="cpu")
     assert err.value.layer == "model.layers.0.mlp.gate_up_proj"
     assert model.lm_head.weight.is_meta          # never reached
+
+
+def test_bf16_tensor_into_an_fp8_parameter_raises(tmp_path):
+    """A float tensor for an FP8 parameter is refused: casting without scales corrupts it."""
+    state = random_state(NormAndLinears)
+    model = meta_model(NormAndLinears)
+    model.up.weight = torch.nn.Parameter(torch.empty(128, 64, dtype=torch.float8_e4m3fn,
+                                                     device="meta"), requires_grad=False)
+    with pytest.raises(loadfsm.DtypeMismatchError, match="up.weight"):
+        loadfsm.load(model, write(state, tmp_path / "m.safetensors"), device="cpu")

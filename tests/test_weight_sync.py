@@ -420,3 +420,13 @@ def test_commit_checks_every_tensor_before_copying(monkeypatch, fresh):
     verdict = _layers_old_or_new(model, old, fresh(SMALL, 1))
     assert verdict[failed] == "old" and failed not in info.value.committed
     assert sorted(info.value.committed) == sorted(k for k, v in verdict.items() if v == "new")
+
+
+def test_replanning_refuses_fp8_parameters_it_cannot_explain():
+    """FP8 tensors in a module without full_precision_slots make re-planning refuse."""
+    model, _ = _load(SMALL, reference_state_dict(SMALL, 0), None)
+    norm = model.model.norm
+    norm.weight = torch.nn.Parameter(norm.weight.detach().to(torch.float8_e4m3fn),
+                                     requires_grad=False)
+    with pytest.raises(ValueError, match="full_precision_slots"):
+        loadfsm.WeightSync(model)
