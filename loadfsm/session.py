@@ -90,6 +90,9 @@ class LoadSession:
             pieces = loader_pieces(model)     # an engine model: pieces are loader calls
         self.plan = plan_layers(model, self.handlers, pieces)              # L1
         self._hook = None
+        # The engine hook's first load: parameter name -> (the engine's weight_loader, its
+        # other attributes). A reload runs these on the live (FP8) parameters.
+        self.engine_loaders: dict[str, tuple[Callable, dict]] = {}
         self.in_flight: dict[str, LayerRecord] = {}
         self.unexpected: list[str] = []
         self.file_of: Callable[[str], str | None] = lambda name: None

@@ -12,18 +12,23 @@ Steps of one push, cited below as P1..P5:
   P5 at the end, a touched layer still missing required pieces, or any exception,
      rolls back what is in flight (``rollback`` -> FINALIZED, old weights) and raises
      ``PushError`` listing the layers that did commit.
+
+``push`` feeds named tensors; ``push_with`` runs an engine's own ``load_weights`` under
+the engine hook in reload mode (``integrations.engine``), whose loader calls feed the
+same steps. Both share one implementation (``_run``).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from .errors import PushError
+from .integrations.engine import EngineHook
 from .layer import LayerRecord
 from .ledger import nbytes
 from .report import LoadReport
@@ -54,8 +59,36 @@ class SyncReport:
         return asdict(self)
 
 
+@dataclass(eq=False)
+class PushProgress:
+    """One push in flight: the layers it touched and what it received so far."""
+
+    session: LoadSession
+    touched: dict[str, LayerRecord] = field(default_factory=dict)
+    current: str | None = None          # the tensor (or loader piece) being fed
+    received: int = 0
+    count: int = 0
+
+    def begin(self, rec: LayerRecord, name: str) -> bool:
+        """``name`` is about to feed ``rec``; the layer's first fires ``reload`` (P2).
+        Returns whether it was the first."""
+        self.current = name
+        if rec.name in self.touched:
+            return False
+        self.touched[rec.name] = rec
+        self.session.reload(rec)
+        return True
+
+    def done(self, nbytes_in: int) -> None:
+        """The tensor ``begin`` named arrived."""
+        self.received += nbytes_in
+        self.count += 1
+        self.current = None
+
+
 class WeightSync:
-    """Pushes new (bf16) weights into a model loaded by ``loadfsm.load``, in place.
+    """Pushes new (bf16) weights into a model loaded by ``loadfsm.load`` (or by the
+    engine hook: pass its session and use ``push_with``), in place.
 
     By default the sync re-plans the loaded model (``LoadSession.for_loaded_model``):
     FP8 modules report the bf16 slots they were made from, so layers, pieces and the
@@ -123,66 +156,94 @@ class WeightSync:
                 midway (the cause is chained). Layers still in flight keep their old
                 weights; ``committed`` lists those that took new ones. Retrying succeeds.
         """
+        def feed(push: PushProgress) -> None:
+            for name, tensor in named_tensors:
+                push.current = name
+                with torch.no_grad():     # trainer tensors may require grad
+                    self._arrive(name, tensor.detach(), push)
+                push.done(nbytes(tensor))
+
+        return self._run(feed)
+
+    def push_with(self, load: Callable[[], object]) -> SyncReport:
+        """Run an engine's own loading code as a push, in place:
+        ``sync.push_with(lambda: model.load_weights(new_weights))``.
+
+        For models loaded through the engine hook (``with LoadSession(model) as s``).
+        While ``load`` runs (under ``torch.no_grad()``), the live parameters' loaders
+        are wrapped: each call writes its shard into fresh staging of its layer, and a
+        complete layer is quantized and committed as in ``push``. Afterwards every
+        parameter's ``weight_loader`` attribute is exactly what it was (also when
+        ``load`` raises). Layers ``load`` does not reach keep their weights.
+
+        Returns:
+            A ``SyncReport``; its tensor and byte counts are of loader calls.
+
+        Raises:
+            PushError: as ``push``: a touched layer did not receive all its pieces, or
+                ``load`` raised (the cause is chained).
+        """
+        def feed(push: PushProgress) -> None:
+            hook = EngineHook(self.session, push).install()
+            try:
+                with torch.no_grad():
+                    load()
+            finally:
+                hook.restore()
+
+        return self._run(feed)
+
+    def _run(self, feed: Callable[[PushProgress], None]) -> SyncReport:
+        """One push: ``feed`` makes the arrivals (P1..P3), then settle, commit, report."""
         session, ledger = self.session, self.session.ledger
         t0 = time.perf_counter()
         base, outer_peak = ledger.staging + ledger.final, ledger.peak
         ledger.peak = base
-        touched: dict[str, LayerRecord] = {}
+        push = PushProgress(session)
         committed = session.committed = []
-        received = count = 0
-        current: str | None = None
         session.held, session.hold_all = [], self.atomic == "model"
         session.commit_bytes = self.commit_bytes
         try:
             try:
-                for current, tensor in named_tensors:
-                    with torch.no_grad():     # trainer tensors may require grad
-                        self._arrive(current, tensor.detach(), touched)
-                    received += nbytes(tensor)
-                    count += 1
-                    current = None
+                feed(push)
                 with torch.no_grad():
-                    missing = self._settle(touched)
-                    if not session.hold_all:
+                    missing = self._settle(push.touched)
+                    if not (missing and session.hold_all):   # atomic="model": all or none
                         session.commit_held()                           # P4
             except BaseException as exc:
-                rolled = self._roll_back(touched)
+                rolled = self._roll_back(push.touched)
                 if not isinstance(exc, Exception):
                     raise
+                current = push.current
                 where = (f"at tensor {current!r}" if current is not None
-                         else f"after {count} tensor(s)")
+                         else f"after {push.count} tensor(s)")
                 raise PushError(f"push failed {where}: {type(exc).__name__}: {exc}; "
                                 f"rolled back {rolled}; committed {committed}",
                                 committed=list(committed), tensor=current,
                                 layer=getattr(exc, "layer", None)) from exc
             if missing:
-                rolled = self._roll_back(touched)
+                rolled = self._roll_back(push.touched)
                 lines = [f"  {layer}: missing {', '.join(names)}"
                          for layer, names in missing.items()]
                 raise PushError(f"{len(missing)} pushed layer(s) did not receive all their "
                                 "pieces and keep their old weights:\n" + "\n".join(lines)
                                 + f"\nrolled back {rolled}; committed {committed}",
                                 committed=list(committed), layer=next(iter(missing)))
-            with torch.no_grad():
-                session.commit_held()                           # atomic="model": P4
         finally:
             session.held, session.hold_all = [], False
             peak_extra = ledger.peak - base
             ledger.peak = max(outer_peak, ledger.peak)
-        report = SyncReport(layers_updated=len(committed), bytes_received=received,
-                            tensors_received=count, seconds=time.perf_counter() - t0,
+        report = SyncReport(layers_updated=len(committed), bytes_received=push.received,
+                            tensors_received=push.count, seconds=time.perf_counter() - t0,
                             peak_extra_bytes=peak_extra, committed=committed)
         session.tracer.event("push_complete", **report.to_dict())
         return report
 
-    def _arrive(self, name: str, tensor: torch.Tensor,
-                touched: dict[str, LayerRecord]) -> None:
+    def _arrive(self, name: str, tensor: torch.Tensor, push: PushProgress) -> None:
         route = self._routes.resolve(name, tensor.shape)                   # P1
         rec = route.rec
-        if rec.name not in touched:
-            touched[rec.name] = rec
-            self.session.reload(rec)                                       # P2
-        elif route.tied and not self._due(rec, route):
+        first = push.begin(rec, name)                                      # P2
+        if not first and route.tied and not self._due(rec, route):
             # The other name of a tied tensor already fed it in this push.
             self.session.tracer.event("tied_weight", alias=name, canonical=route.name,
                                       skipped=True)

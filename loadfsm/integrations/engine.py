@@ -26,6 +26,15 @@ convention). The steps, cited below as E1..E5:
      (``weight_loader``, ``output_dim``...) as the meta ones did; quantized ones are new
      kernel tensors and carry none.
 
+Reload (RL weight sync, ``WeightSync.push_with``): the engine calls ``load_weights``
+again on the loaded model. The hook then wraps the *live* parameters (FP8 and full
+precision alike) and runs the loaders the first load saw, kept in the session
+(``LoadSession.engine_loaders``), since quantized parameters carry none. Each call first
+tells the push (R1: a layer's first call fires ``reload``, FINALIZED -> META), then runs
+E2..E4 on fresh staging; the layer's last piece quantizes it and the results are
+committed in place (``sync``, P3..P5). E5 gives each live parameter back exactly the
+``weight_loader`` attribute it had before (none, for FP8 ones).
+
 Tensor parallelism needs nothing here: each rank builds its model with local shapes,
 declares local shard layouts, and its loaders narrow the full checkpoint tensor (or a
 lazy slice, see ``sources.safetensors_slices``) to the rank's part. Each rank's session
@@ -51,6 +60,7 @@ from .writes import (Box, WriteTracker, bounding_box, box_numel, box_text, box_w
 
 if TYPE_CHECKING:
     from ..session import LoadSession
+    from ..sync import PushProgress
 
 _SHARD_ARGS = ("shard_id", "loaded_shard_id")
 _MISSING = object()
@@ -84,12 +94,12 @@ def default_weight_loader(param: nn.Parameter, loaded_weight) -> None:
 class _Wrapped:
     """One parameter under the hook: where it goes and what to give back on exit."""
 
-    param: nn.Parameter                    # the engine's meta parameter
+    param: nn.Parameter                    # the engine's meta parameter (live, on reload)
     rec: LayerRecord
     attr: str
     full: str
     loader: Callable                       # what the engine's call runs (E3)
-    original: Any                          # its own attribute, or _MISSING
+    original: Any                          # its own attribute before E1, or _MISSING
     signature: inspect.Signature | None
     shard_params: tuple[str, ...]          # names its signature gives shard / expert ids
     expert_param: str | None
@@ -98,10 +108,12 @@ class _Wrapped:
 
 class EngineHook:
     """Turns ``weight_loader`` calls into arrivals of ``session``. Use it through
-    ``LoadSession.__enter__`` / ``__exit__``."""
+    ``LoadSession.__enter__`` / ``__exit__`` (first load) or ``WeightSync.push_with``
+    (reload: ``push`` is the push in progress, told of every call)."""
 
-    def __init__(self, session: "LoadSession"):
+    def __init__(self, session: "LoadSession", push: "PushProgress | None" = None):
         self.session = session
+        self._push = push
         self._wrapped: list[_Wrapped] = []
         # piece names of each parameter, declared shards only: O(1) lookups per call
         self._sharded: dict[str, list[str]] = {}
@@ -111,18 +123,23 @@ class EngineHook:
                     self._sharded.setdefault(piece.param, []).append(name)
 
     def install(self) -> "EngineHook":                                          # E1
+        reloading, seen = self._push is not None, self.session.engine_loaders
         for rec in self.session.plan.layers.values():
             for attr, slot in rec.slots.items():
                 param = rec.module._parameters.get(attr)
-                if slot.is_buffer or param is None or not param.is_meta:
+                if slot.is_buffer or param is None or param.is_meta == reloading:
                     continue
                 original = vars(param).get("weight_loader", _MISSING)
-                loader = default_weight_loader if original is _MISSING else original
+                own = (default_weight_loader if original is _MISSING else original,
+                       {k: v for k, v in vars(param).items() if k != "weight_loader"})
+                if reloading:     # FP8 parameters carry no loader: run what E1 saw
+                    loader, engine_attrs = seen.get(slot.full_name, own)
+                else:
+                    loader, engine_attrs = seen[slot.full_name] = own
                 signature = _signature(loader)
                 shard_params, expert_param = _id_params(signature)
                 w = _Wrapped(param, rec, attr, slot.full_name, loader, original, signature,
-                             shard_params, expert_param,
-                             {k: v for k, v in vars(param).items() if k != "weight_loader"})
+                             shard_params, expert_param, engine_attrs)
                 self._wrapped.append(w)
                 param.weight_loader = self._wrapper(w)
         return self
@@ -159,12 +176,14 @@ class EngineHook:
     def load(self, w: _Wrapped, loaded_weight, args: tuple, kwargs: dict) -> None:
         shard, expert = self._ids(w, args, kwargs)
         rec, session = w.rec, self.session
+        label = piece_name(w.full, shard, expert)
+        if self._push is not None:
+            self._push.begin(rec, label)                                        # R1
         names = self._names(w, shard, expert)                                  # E2
         staging = session.stage(rec)[w.attr]                                    # E3
         target = nn.Parameter(staging, requires_grad=False)
         for key, value in w.engine_attrs.items():
             setattr(target, key, value)
-        label = piece_name(w.full, shard, expert)
         with WriteTracker(staging) as tracker:
             try:
                 w.loader(target, loaded_weight, *args, **kwargs)
@@ -181,6 +200,8 @@ class EngineHook:
         self._check_writes(w, staging, names, tracker.boxes, shard, label)      # E4
         nbytes = sum(math.prod(rec.shapes[n]) for n in names) * staging.element_size()
         session.arrive_in_place(rec, names, nbytes, piece=label, shard=shard, expert=expert)
+        if self._push is not None:
+            self._push.done(nbytes)
 
     def _ids(self, w: _Wrapped, args: tuple, kwargs: dict) -> tuple[ShardId, int | None]:
         if not w.shard_params and w.expert_param is None:
@@ -235,8 +256,9 @@ class EngineHook:
                 raise fail(f"left gaps inside {box_text(written)}")
             if written != full_box(shape):
                 zero_outside(staging, written)
-                self.session.tracer.event("layer_padded", layer=rec.name, tensors=[w.full],
-                                          written=box_text(written))
+                if not rec.reloading:
+                    self.session.tracer.event("layer_padded", layer=rec.name, tensors=[w.full],
+                                              written=box_text(written))
             return
         for box in boxes:
             if not any(box_within(box, a) for a in allowed):
