@@ -9,7 +9,8 @@ from loadfsm.sources.safetensors_slices import safetensors_weights
 from test_engine_hook import (QKV0, SMALL, SMALL_MOE, _assert_restored, _loader_snapshot,
                               engine_model)
 from test_weight_sync import SMALL as LLAMA_SMALL
-from test_weight_sync import _addresses, _assert_equal_models, _layers_old_or_new, _snapshot
+from test_weight_sync import (_addresses, _assert_equal_models, _layers_old_or_new, _snapshot,
+                              assert_qkv_reloaded)
 from test_weight_sync import _engine as _loaded
 
 QUANTS = [None, "fp8", "fp8-channel"]
@@ -118,14 +119,7 @@ def test_pushed_layer_transition_sequence_is_exact():
     sync = loadfsm.WeightSync(model, session=session, trace=True)
     with capture_logs() as logs:
         sync.push_with(lambda: model.load_weights(reference_state_dict(SMALL, 1).items()))
-    steps = [(e["src"], e["dst"], e["trigger"]) for e in logs
-             if e["event"] == "layer_transition" and e["layer"] == QKV0]
-    assert steps == [
-        ("FINALIZED", "META", "reload"), ("META", "PARTIAL", "arrive"),
-        ("PARTIAL", "PARTIAL", "arrive"), ("PARTIAL", "PARTIAL", "arrive"),
-        ("PARTIAL", "COMPLETE", "complete"), ("COMPLETE", "QUANTIZED", "quantize"),
-        ("QUANTIZED", "FINALIZED", "finalize")]
-    assert logs[-1]["event"] == "push_complete"
+    assert_qkv_reloaded(logs, QKV0)
 
 
 def test_partial_push_with_leaves_untouched_layers_identical(fresh):
@@ -180,26 +174,28 @@ def test_nan_shard_is_refused_before_anything_is_written(quant):
     """NaN in one shard: PushError caused by NonFiniteWeightError; the model stays old."""
     model, sync = _engine(SMALL, quant, atomic="model")
     old = _snapshot(model)
-    state = reference_state_dict(SMALL, 1)
-    state[V1] = state[V1].clone()
-    state[V1][0, 0] = float("nan")
     with pytest.raises(loadfsm.PushError) as info:
-        sync.push_with(lambda: model.load_weights(state.items()))
+        sync.push_with(lambda: model.load_weights(_seed1_with_nan_in_v1()))
     assert isinstance(info.value.__cause__, loadfsm.NonFiniteWeightError)
     assert info.value.__cause__.layer == "model.layers.1.self_attn.qkv_proj"
     assert info.value.committed == []
     _assert_equal_models(model, old)
 
 
+def _seed1_with_nan_in_v1():
+    """Seed-1 checkpoint tensors with one NaN in layer 1's v_proj."""
+    state = reference_state_dict(SMALL, 1)
+    state[V1] = state[V1].clone()
+    state[V1][0, 0] = float("nan")
+    return state.items()
+
+
 def test_nan_shard_rolls_back_only_its_layer(fresh):
     """Per-layer atomicity: the NaN layer stays wholly old, the others are wholly new."""
     model, sync = _engine(SMALL, commit_bytes=0)
     old = _snapshot(model)
-    state = reference_state_dict(SMALL, 1)
-    state[V1] = state[V1].clone()
-    state[V1][0, 0] = float("nan")
     with pytest.raises(loadfsm.PushError) as info:
-        sync.push_with(lambda: model.load_weights(state.items()))
+        sync.push_with(lambda: model.load_weights(_seed1_with_nan_in_v1()))
     failed = "model.layers.1.self_attn.qkv_proj"
     verdict = _layers_old_or_new(model, old, fresh(SMALL, 1))
     assert verdict[failed] == "old" and failed not in info.value.committed

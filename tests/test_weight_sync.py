@@ -174,13 +174,20 @@ def test_pushed_layer_transition_sequence_is_exact():
     sync = loadfsm.WeightSync(model, session=report, trace=True)
     with capture_logs() as logs:
         sync.push(reference_state_dict(SMALL, 1).items())
+    assert_qkv_reloaded(logs)
+
+
+RELOAD_QKV = [("FINALIZED", "META", "reload"), ("META", "PARTIAL", "arrive"),
+              ("PARTIAL", "PARTIAL", "arrive"), ("PARTIAL", "PARTIAL", "arrive"),
+              ("PARTIAL", "COMPLETE", "complete"), ("COMPLETE", "QUANTIZED", "quantize"),
+              ("QUANTIZED", "FINALIZED", "finalize")]
+
+
+def assert_qkv_reloaded(logs, layer=QKV0):
+    """The trace of one push shows ``layer``'s exact reload sequence, then the summary."""
     steps = [(e["src"], e["dst"], e["trigger"]) for e in logs
-             if e["event"] == "layer_transition" and e["layer"] == QKV0]
-    assert steps == [
-        ("FINALIZED", "META", "reload"), ("META", "PARTIAL", "arrive"),
-        ("PARTIAL", "PARTIAL", "arrive"), ("PARTIAL", "PARTIAL", "arrive"),
-        ("PARTIAL", "COMPLETE", "complete"), ("COMPLETE", "QUANTIZED", "quantize"),
-        ("QUANTIZED", "FINALIZED", "finalize")]
+             if e["event"] == "layer_transition" and e["layer"] == layer]
+    assert steps == RELOAD_QKV
     assert logs[-1]["event"] == "push_complete"
 
 
