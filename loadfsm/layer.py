@@ -8,7 +8,7 @@ its events on plain records directly: planning is O(layers), a trigger O(1).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -59,7 +59,6 @@ class LayerRecord:
     slots: dict[str, TensorSlot]
     pieces: dict[str, Piece] = field(default_factory=dict)        # ckpt name -> piece
     missing: set[str] = field(default_factory=set)                 # ckpt names still due
-    arrived: int = 0
     state: LayerState = LayerState.META
     staging: dict[str, torch.Tensor] = field(default_factory=dict)  # attr -> full precision
     results: dict[str, torch.Tensor] = field(default_factory=dict)  # handler output
@@ -70,9 +69,6 @@ class LayerRecord:
     norms: list = field(default_factory=list)   # (ckpt names, max|x| on device) to verify
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # ckpt name -> shape
     defaulted: list[str] = field(default_factory=list)
-    t_first: float | None = None
-    t_done: float | None = None
-    notes: dict[str, Any] = field(default_factory=dict)
     attr_of: dict[str, str] = field(default_factory=dict)            # full name -> attr
 
     def __post_init__(self) -> None:

@@ -195,9 +195,7 @@ class LoadSession:
             if rec is None:
                 return
         piece = rec.pieces[name]
-        if name not in rec.missing:
-            raise DuplicateWeightError("piece arrived twice", tensor=name,
-                                       file=self.file_of(name), layer=rec.name)
+        self._check_due(rec, (name,), name)
         check_fits(rec, piece, tensor.shape, tensor.dtype, self.file_of(name))
         self._fill(rec, piece, tensor, (name,), piece=name, shard=piece.shard,
                    expert=piece.expert)
@@ -208,11 +206,16 @@ class LoadSession:
 
         It covers every piece in ``names`` (the pieces of ``param``), fused shards included.
         """
-        if any(name not in rec.missing for name in names):
-            raise DuplicateWeightError("piece arrived twice", tensor=param, layer=rec.name)
+        self._check_due(rec, names, param)
         whole = Piece(param, param)
         check_fits(rec, whole, tensor.shape, tensor.dtype, None)
         self._fill(rec, whole, tensor, names, piece=param)
+
+    def _check_due(self, rec: LayerRecord, names: tuple[str, ...], label: str) -> None:
+        """Each piece arrives once: a piece no longer due is a duplicate."""
+        if any(name not in rec.missing for name in names):
+            raise DuplicateWeightError("piece arrived twice", tensor=label,
+                                       file=self.file_of(label), layer=rec.name)
 
     def _fill(self, rec: LayerRecord, into: Piece, tensor: torch.Tensor,
               names: tuple[str, ...], **extra) -> None:
@@ -242,7 +245,6 @@ class LoadSession:
                 rec.norms.append((names, torch.linalg.vector_norm(view, ord=float("inf"))))
         del written
         rec.missing.difference_update(names)
-        rec.arrived += 1
         self._bytes_read += nbytes_in
         self._transition(rec, src, dst, "arrive", **extra)
         if not rec.missing:
@@ -287,7 +289,6 @@ class LoadSession:
         rec.staging_bytes = 0 if rec.aliased else sum(nbytes(t) for t in rec.staging.values())
         self.ledger.add_staging(rec.staging_bytes)
         self._largest = max(self._largest, rec.staging_bytes)
-        rec.t_first = time.perf_counter()
         self.in_flight[rec.name] = rec
         self._peak_in_flight = max(self._peak_in_flight, len(self.in_flight))
         if len(self.in_flight) > self.max_in_flight and not self._warned_in_flight:
@@ -403,8 +404,7 @@ class LoadSession:
                         **extra) -> None:
         """Pieces ``names`` were written into ``rec``'s staging by the caller: fire the
         arrival; the last piece completes, quantizes and finalizes the layer."""
-        if any(name not in rec.missing for name in names):
-            raise DuplicateWeightError("piece arrived twice", tensor=names[0], layer=rec.name)
+        self._check_due(rec, names, names[0])
         written = []
         for name in names:
             piece = rec.pieces[name]
@@ -428,7 +428,6 @@ class LoadSession:
         rec.reloading = True
         rec.missing = set(rec.pieces)
         rec.defaulted = []
-        rec.arrived = 0
         self._transition(rec, src, dst, "reload")
 
     def rollback(self, rec: LayerRecord) -> None:
@@ -477,7 +476,6 @@ class LoadSession:
             rec.handler.install(rec)
         rec.results = {}
         src, dst = rec.fire("finalize")
-        rec.t_done = time.perf_counter()
         self._transition(rec, src, dst, "finalize")
         if self.on_layer_done is not None:
             self.on_layer_done(rec)

@@ -32,5 +32,3 @@ TRANSITIONS = [
     {"trigger": "rollback", "source": [S.META, S.PARTIAL, S.COMPLETE, S.QUANTIZED],
      "dest": S.FINALIZED},
 ]
-
-TRIGGERS = sorted({row["trigger"] for row in TRANSITIONS})

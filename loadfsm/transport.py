@@ -18,6 +18,8 @@ on the CPU with gloo and on the current CUDA device with NCCL.
 
 from __future__ import annotations
 
+import collections
+
 import math
 from typing import Iterable, Iterator
 
@@ -137,8 +139,7 @@ class WeightReceiver:
         try:
             return self.sync.push(arrivals)
         except PushError:
-            for _ in arrivals:
-                pass
+            collections.deque(arrivals, maxlen=0)   # drain: stay in step with the sender
             raise
 
     def arrivals(self) -> Iterator[tuple[str, torch.Tensor]]:

@@ -74,7 +74,6 @@ class Fp8Handler(Handler):
             new = Fp8StackedExperts.from_quantized(
                 res["gate_up_proj"], res["gate_up_proj_scale"], res["down_proj"],
                 res["down_proj_scale"], config, out_dtype=dtype)
-        rec.notes["kind"] = _kind_of(rec)
         self.session.replace_module(rec, new)
 
     def live_tensors(self, rec) -> dict[str, torch.Tensor]:
@@ -82,4 +81,5 @@ class Fp8Handler(Handler):
 
 
 def _kind_of(rec):
-    return rec.notes.get("kind") or _kind(rec.module)
+    """The plain module kind of a layer, also once its FP8 module is installed."""
+    return _kind(rec.module)

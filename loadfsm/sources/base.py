@@ -44,7 +44,7 @@ class IteratorSource:
         yield from self._weights
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the iterable belongs to the caller."""
 
     def file_of(self, name: str) -> None:
         return None

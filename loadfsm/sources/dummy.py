@@ -45,4 +45,4 @@ class DummySource:
             yield name, tensor
 
     def close(self) -> None:
-        pass
+        """Nothing to release: tensors are generated, no file is open."""
