@@ -2,10 +2,11 @@
 
 A handler claims layers and is called by the session on their transitions:
 ``materialize`` (META -> PARTIAL), ``defaults`` (optional pieces absent),
-``check`` and ``quantize`` (COMPLETE -> QUANTIZED), ``install`` or ``commit``
+``quantize`` (COMPLETE -> QUANTIZED), ``install`` or ``commit``
 (QUANTIZED -> FINALIZED; ``commit`` copies into the live tensors on reload).
 Handlers never read files and never keep per-layer state of their own: what a
-layer needs lives on its ``LayerRecord``.
+layer needs lives on its ``LayerRecord``. NaN/Inf are not a handler's concern: the
+session records every piece's max|x| at arrival and verifies them in batches.
 """
 
 from __future__ import annotations
@@ -65,10 +66,6 @@ class Handler:
 
     # Whether ``quantize`` returns new tensors rather than the staging tensors themselves.
     makes_new_tensors: ClassVar[bool] = False
-
-    def check(self, rec: "LayerRecord") -> None:
-        """Refuse a complete layer before it is quantized. NaN/Inf need nothing here: the
-        session verifies every piece's max|x| in one device sync (``LoadSession.verify``)."""
 
     def quantize(self, rec: "LayerRecord") -> dict[str, torch.Tensor]:
         """Results kept after staging is freed; here the staging tensors themselves."""
