@@ -51,12 +51,11 @@ def load(model: nn.Module, source: str | Path | Iterable | None, *, quant=None,
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
-    bar = _progress_bar(progress)
+    bar = None
     session = LoadSession(model, quant=quant, device=device, trace=trace, strict=strict,
                           max_in_flight=max_in_flight,
-                          on_layer_done=(lambda rec: bar.update()) if bar else None)
-    if bar is not None:
-        bar.reset(total=len(session.plan.layers))
+                          on_layer_done=(lambda rec: bar.update()) if progress else None)
+    bar = _progress_bar(progress, len(session.plan.layers))
     src = _open_source(session, source, load_format, seed)
     try:
         return run(session, src)
@@ -99,8 +98,10 @@ def planned_entries(session: LoadSession) -> dict[str, TensorEntry]:
     return entries
 
 
-def _progress_bar(enabled: bool):
+def _progress_bar(enabled: bool, layers: int):
+    """One bar per load, sized from the plan; on a terminal only (``disable=None``), so
+    logs and pipes get no control characters."""
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-    return tqdm(total=0, unit="layer", desc="loading", leave=False)
+    from tqdm import tqdm
+    return tqdm(total=layers, unit="layer", desc="loading", leave=False, disable=None)

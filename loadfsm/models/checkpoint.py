@@ -12,6 +12,7 @@ multi-GB checkpoints are written one tensor at a time.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import struct
@@ -205,7 +206,13 @@ def _write_safetensors(path: Path, specs: list[TensorSpec], seed: int,
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for spec in specs:
-            f.write(_generate(spec, seed, num_layers).reshape(-1).view(torch.uint8).numpy().data)
+            f.write(_raw_bytes(_generate(spec, seed, num_layers)))
+
+
+def _raw_bytes(tensor: torch.Tensor) -> bytes:
+    """A CPU tensor's bytes as stored, without numpy (not a dependency of loadfsm)."""
+    tensor = tensor.contiguous()
+    return ctypes.string_at(tensor.data_ptr(), tensor.numel() * tensor.element_size())
 
 
 def load_reference_model(config: ModelConfig | str, seed: int = 0,
