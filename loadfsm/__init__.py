@@ -1,5 +1,12 @@
 """loadfsm: layer-by-layer weight loading where every layer is a state machine."""
 
+import warnings
+
+with warnings.catch_warnings():
+    # torch warns at import when numpy is absent; loadfsm never needs numpy.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    import torch  # noqa: F401
+
 from .api import load
 from .errors import (CorruptCheckpointError, DtypeMismatchError, DuplicateWeightError,
                      IllegalTransitionError, IncompleteLoadError, LoadError,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 
 
 def _demo(args) -> int:
@@ -78,8 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # torch warns at import when numpy is absent; loadfsm never needs numpy.
-    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:            # bench owns its options
         from .bench import main as bench_main
