@@ -68,11 +68,15 @@ def load(model: nn.Module, source: str | Path | Iterable | None, *, quant=None,
 def run(session: LoadSession, source) -> LoadReport:
     """Drive a session from a source to its report."""
     session.file_of = source.file_of
-    entries = source.entries()
-    order = session.match(entries, source.index()) if entries is not None else None
-    for name, tensor in source.read(order):
-        session.arrive(name, tensor)
-    return session.finish()
+    try:
+        entries = source.entries()
+        order = session.match(entries, source.index()) if entries is not None else None
+        for name, tensor in source.read(order):
+            session.arrive(name, tensor)
+        return session.finish()
+    except BaseException as exc:
+        session.fail(exc)          # traces load_failed; nothing unverified stays installed
+        raise
 
 
 def _open_source(session: LoadSession, source, load_format: str, seed: int):

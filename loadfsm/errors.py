@@ -87,3 +87,11 @@ class PushError(LoadError):
     def __init__(self, message: str, *, committed: list[str], **where):
         super().__init__(message, **where)
         self.committed = committed
+
+
+class ConcurrentPushError(PushError):
+    """Another push into the same model is in progress; nothing was changed."""
+
+
+class ModelStateError(LoadError):
+    """The model cannot take this load as it is (loaded before with another scheme)."""

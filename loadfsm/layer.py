@@ -67,6 +67,9 @@ class LayerRecord:
     reloading: bool = False
     aliased: bool = False          # staging is the pushed tensor itself (see _can_alias)
     norms: list = field(default_factory=list)   # (ckpt names, max|x| on device) to verify
+    # (tensor, FP8 values flushed to zero, nonzero inputs), counts on device, checked with norms
+    underflow: list = field(default_factory=list)
+    names: list[str] = field(default_factory=list)   # every name the module is registered at
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # ckpt name -> shape
     defaulted: list[str] = field(default_factory=list)
     attr_of: dict[str, str] = field(default_factory=dict)            # full name -> attr

@@ -8,24 +8,29 @@ The steps of one load, cited below as L1..L6:
      each piece's max|x| is recorded on the device (NaN/Inf show there, no sync);
   L4 its last piece completes it; the handler quantizes it and its staging is
      freed at once (COMPLETE -> QUANTIZED);
-  L5 the handler installs the kernel tensors (QUANTIZED -> FINALIZED); every
-     ``commit_bytes`` the recorded max|x| are verified with one device sync. On a
-     reload, results wait in ``held`` until verified, then are copied in place;
+  L5 quantized layers wait in ``held`` until verified: every ``commit_bytes`` the
+     recorded max|x| (and FP8 underflow counts) are checked with one device sync, then
+     the handler installs the kernel tensors (first load) or copies them in place
+     (reload), each layer whole under held SIGINT (QUANTIZED -> FINALIZED). A failed
+     load installs nothing unverified (``fail``: the layers go back to META);
   L6 the finalize sweep: defaults for optional pieces, the last verification,
      non-persistent buffers, strictness, the report.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import replace
+import weakref
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from .errors import (DuplicateWeightError, IncompleteLoadError, NonFiniteWeightError,
-                     UnexpectedWeightError)
+from .atomic import deferred_interrupts
+from .errors import (DuplicateWeightError, IncompleteLoadError, ModelStateError,
+                     NonFiniteWeightError, UnexpectedWeightError)
 from .handlers.base import HANDLERS, Handler
 from .layer import LayerRecord
 from .ledger import MemoryLedger, nbytes
@@ -34,12 +39,28 @@ from .plan import TensorEntry, check_fits, plan_layers
 from .handlers.fp8 import quant_name
 from .integrations.engine_shards import loader_pieces, uses_weight_loaders
 from .quant.config import resolve_quant
+from .quant.fp8 import flushed_to_zero
 from .report import LoadReport
 from .states import LayerState
-from .trace import Tracer
+from .trace import Tracer, failure
 
 
 COMMIT_BYTES = 512 << 20     # bytes loaded (or reload results held) per NaN/Inf verification
+# Warn when more than this fraction of a tensor's nonzero values become zero in FP8: a
+# normal weight loses ~1e-5 of them; a scale set by a far outlier loses most.
+UNDERFLOW_WARN_FRACTION = 0.01
+_DONE = (LayerState.QUANTIZED, LayerState.FINALIZED)
+
+
+@dataclass(frozen=True)
+class Replan:
+    """What re-planning a loaded model needs besides the model itself: the load's
+    ``pieces`` and extra ``handlers`` (``WeightSync(model, session=report)`` uses it),
+    and a weak reference to the model it loaded (a report never keeps a model alive)."""
+
+    model: "weakref.ref[nn.Module]"
+    pieces: tuple[Piece, ...] | None
+    handlers: tuple[str, ...]
 
 
 def default_device() -> torch.device:
@@ -73,22 +94,25 @@ class LoadSession:
         self.strict = strict
         self.max_in_flight = max_in_flight
         self.on_layer_done = on_layer_done
-        # Reload: quantized layers wait here until their finiteness is verified (one
-        # device sync per ``commit_bytes`` of results, or per push with ``hold_all``).
+        # Quantized layers wait here until their finiteness is verified (one device
+        # sync per ``commit_bytes`` of results, or per push with ``hold_all``).
         self.held: list[LayerRecord] = []
         self.hold_all = False
         self.commit_bytes = COMMIT_BYTES
         self.committed: list[str] = []
         self._held_bytes = 0
-        self._unverified: list[LayerRecord] = []     # first load: finalized, not yet verified
-        self._unverified_bytes = 0
-        self.tracer = Tracer(trace)
+        self.replan = Replan(weakref.ref(model), None if pieces is None else tuple(pieces),
+                             tuple(handlers))
         self.ledger = MemoryLedger()
         self.handlers = self._build_handlers(handlers)
-        if (pieces is None and not hasattr(model, "checkpoint_pieces")
+        if (self.replan.pieces is None and not hasattr(model, "checkpoint_pieces")
                 and uses_weight_loaders(model)):
             pieces = loader_pieces(model)     # an engine model: pieces are loader calls
-        self.plan = plan_layers(model, self.handlers, pieces)              # L1
+        self.plan = plan_layers(model, self.handlers,
+                                self.replan.pieces if pieces is None else pieces)  # L1
+        self._check_replannable()
+        self._name_modules()
+        self.tracer = Tracer(trace)
         self._hook = None
         # The engine hook's first load: parameter name -> (the engine's weight_loader, its
         # other attributes). A reload runs these on the live (FP8) parameters.
@@ -109,12 +133,38 @@ class LoadSession:
         for alias, canonical in self.plan.tied.items():
             self.tracer.event("tied_weight", alias=alias, canonical=canonical)
 
+    def _check_replannable(self) -> None:
+        """A kernel module (one that says which full-precision slots feed it) claimed by
+        a handler that would load those tensors as they are would end up holding bf16
+        weights beside stale scales: refuse (a model loaded with FP8, loaded again
+        without)."""
+        stale = [rec.name for rec in self.plan.layers.values()
+                 if callable(getattr(rec.module, "full_precision_slots", None))
+                 and not rec.handler.makes_new_tensors]
+        if stale:
+            raise ModelStateError(
+                f"{len(stale)} layer(s) hold kernel modules ({type(self.plan.layers[stale[0]].module).__name__}) "
+                f"from an earlier quantized load that quant={self.quant!r} cannot replace; "
+                "build the model again on meta, or load with the same scheme",
+                layer=stale[0])
+
+    def _name_modules(self) -> None:
+        """Every name a layer's module is registered at (a module shared by two parents
+        takes its kernel form under both)."""
+        by_module = {id(rec.module): rec for rec in self.plan.layers.values()}
+        for name, module in self.model.named_modules(remove_duplicate=False):
+            rec = by_module.get(id(module))
+            if rec is not None and name:
+                rec.names.append(name)
+
     @classmethod
-    def for_loaded_model(cls, model: nn.Module, *, trace=None) -> "LoadSession":
+    def for_loaded_model(cls, model: nn.Module, *, trace=None,
+                         replan: Replan | None = None) -> "LoadSession":
         """A session over a model loaded earlier (by this or another process): every
         layer FINALIZED, its live tensors the model's own. Re-planned from the model:
         FP8 modules report the bf16 slots they were made from, so the plan, the pieces
-        and the quantization config are those of the original load."""
+        and the quantization config are those of the original load (``replan``: the
+        load's own pieces and handlers, from its report)."""
         configs = {m.config for m in model.modules() if hasattr(m, "full_precision_slots")}
         if len(configs) > 1:
             raise ValueError(f"model mixes FP8 configs {configs}; cannot re-plan it")
@@ -130,7 +180,9 @@ class LoadSession:
                              f"(no full_precision_slots): {opaque[:3]}; pass the load's "
                              f"session to WeightSync instead of re-planning")
         device = tensors[0].device if tensors else default_device()
-        session = cls(model, quant=next(iter(configs), None), device=device, trace=trace)
+        replan = replan or Replan(weakref.ref(model), None, ())
+        session = cls(model, quant=next(iter(configs), None), device=device, trace=trace,
+                      pieces=replan.pieces, handlers=replan.handlers)
         for rec in session.plan.layers.values():
             rec.state = LayerState.FINALIZED      # initial state of a live layer
             rec.final_bytes = sum(nbytes(t) for t in rec.handler.live_tensors(rec).values())
@@ -313,54 +365,55 @@ class LoadSession:
         src, dst = rec.fire(trigger)
         self._transition(rec, src, dst, trigger)
         self.quantize(rec)
-        if not rec.reloading:
-            self.finalize(rec)            # first load: nothing live yet, verified in batches
-            self._unverified.append(rec)
-            self._unverified_bytes += rec.final_bytes
-            if self._unverified_bytes >= self.commit_bytes:
-                self._verify_loaded()     # fail early on a bad shard, one sync per batch
-            return
-        self.held.append(rec)
+        self.held.append(rec)             # installed or committed once verified (L5)
         self._held_bytes += rec.final_bytes
         if not self.hold_all and self._held_bytes >= self.commit_bytes:
             self.commit_held()
 
     def commit_held(self) -> None:
-        """Verify the held reload results (one device sync), then commit them in place.
+        """Verify the held results (one device sync), then install (first load) or
+        commit them in place (reload), layer by layer.
 
         A layer holding NaN/Inf raises ``NonFiniteWeightError``; the held layers stay
-        QUANTIZED for the caller to roll back, so no live tensor saw the bad values.
+        QUANTIZED (for ``fail`` or the push's rollback), so no live tensor saw the bad
+        values. Layers not finalized when an exception leaves stay held.
         """
+        self.verify(self.held)
         held, self.held, self._held_bytes = self.held, [], 0
         try:
-            self.verify(held)
-        except BaseException:
-            self.held = held
-            raise
-        for rec in held:
-            self.finalize(rec)
-
-    def _verify_loaded(self) -> None:
-        recs, self._unverified, self._unverified_bytes = self._unverified, [], 0
-        self.verify(recs)
+            for rec in held:
+                self.finalize(rec)
+        finally:
+            self.held = [rec for rec in held if rec.state is LayerState.QUANTIZED]
 
     def verify(self, recs) -> None:
-        """Raise ``NonFiniteWeightError`` naming the first piece of ``recs`` with NaN/Inf.
+        """Raise ``NonFiniteWeightError`` naming the first piece of ``recs`` with NaN/Inf;
+        warn ``fp8_underflow`` for each tensor that FP8 flushed mostly to zero.
 
-        The per-piece max|x| recorded at arrival are checked together: one device sync.
+        The per-piece max|x| recorded at arrival and the underflow counts recorded at
+        quantization are read together: one device sync.
         """
-        recs = [rec for rec in recs if rec.norms]
+        recs = [rec for rec in recs if rec.norms or rec.underflow]
         if not recs:
             return
-        norms = torch.stack([norm.float() for rec in recs for _, norm in rec.norms])
-        if not bool(torch.isfinite(norms).all()):
-            for rec in recs:
-                for names, norm in rec.norms:
-                    if not bool(torch.isfinite(norm)):
-                        raise NonFiniteWeightError("weight holds NaN or Inf", tensor=names[0],
-                                                   file=self.file_of(names[0]), layer=rec.name)
+        values = [norm.double() for rec in recs for _, norm in rec.norms]
+        values += [count.double() for rec in recs for _, *counts in rec.underflow
+                   for count in counts]
+        host = iter(torch.stack(values).tolist())
         for rec in recs:
+            for names, _ in rec.norms:
+                if not math.isfinite(next(host)):
+                    raise NonFiniteWeightError("weight holds NaN or Inf", tensor=names[0],
+                                               file=self.file_of(names[0]), layer=rec.name)
+        for rec in recs:
+            for tensor, _, _ in rec.underflow:
+                flushed, nonzero = next(host), next(host)
+                if nonzero and flushed / nonzero > UNDERFLOW_WARN_FRACTION:
+                    self.tracer.warning("fp8_underflow", tensor=tensor, layer=rec.name,
+                                        flushed=int(flushed), nonzero=int(nonzero),
+                                        fraction=round(flushed / nonzero, 6))
             rec.norms.clear()
+            rec.underflow.clear()
 
     def complete_with_defaults(self, rec: LayerRecord) -> None:
         """L6: complete a layer whose pieces still due are all optional, with defaults."""
@@ -385,13 +438,27 @@ class LoadSession:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        """Give every loader back exactly; on a clean exit finish, keeping ``self.report``."""
+        """Give every loader back exactly; on a clean exit finish, keeping ``self.report``.
+
+        Held layers are installed before the loaders are given back, so the engine's
+        attributes reach the installed parameters (E5)."""
         hook, self._hook = self._hook, None
+        try:
+            if exc_type is None:
+                self.commit_held()
+        except BaseException as err:
+            hook.restore()
+            self.fail(err)
+            raise
         hook.restore()
         if exc_type is not None:
-            self.abandon()
+            self.fail(exc)
             return
-        self.report = self.finish()
+        try:
+            self.report = self.finish()
+        except BaseException as err:
+            self.fail(err)
+            raise
 
     def stage(self, rec: LayerRecord) -> dict[str, torch.Tensor]:
         """L3 for a caller that writes pieces itself: ``rec``'s staging, materialized at
@@ -412,14 +479,26 @@ class LoadSession:
             written.append(target[piece.region] if piece.region else target)
         self._arrived(rec, names, written, nbytes, **extra)
 
-    def abandon(self) -> None:
-        """A load that raised: free the staging of every layer in flight. Finalized layers
-        keep their tensors; the others keep their ``meta`` parameters."""
-        for rec in list(self.in_flight.values()):
-            self.ledger.free_staging(rec.staging_bytes)
-            rec.staging, rec.staging_bytes = {}, 0
-        self.in_flight.clear()
-        self.tracer.close()
+    def fail(self, exc: BaseException) -> None:
+        """A first load that raised: trace ``load_failed``, then drop the staging of every
+        layer in flight and the unverified results of every held layer (back to META).
+        Nothing unverified was installed: finalized layers hold verified tensors, the
+        others keep their ``meta`` parameters."""
+        with deferred_interrupts():
+            for rec in [*self.in_flight.values(), *self.held]:
+                self.ledger.free_staging(rec.staging_bytes)
+                if rec.results:
+                    self.ledger.free_final(rec.final_bytes)
+                rec.staging, rec.results, rec.staging_bytes = {}, {}, 0
+                rec.norms.clear()
+                rec.underflow.clear()
+                if rec.state is not LayerState.META:
+                    src, dst = rec.fire("abandon")
+                    self._transition(rec, src, dst, "abandon")
+            self.in_flight.clear()
+            self.held, self._held_bytes = [], 0
+            self.tracer.event("load_failed", **failure(exc))
+            self.tracer.close()
 
     # -- reload (RL weight sync) ----------------------------------------------------
     def reload(self, rec: LayerRecord) -> None:
@@ -431,15 +510,19 @@ class LoadSession:
         self._transition(rec, src, dst, "reload")
 
     def rollback(self, rec: LayerRecord) -> None:
-        """A reload that cannot finish: free its staging and results, keep the live tensors."""
-        self.ledger.free_staging(rec.staging_bytes + (rec.final_bytes if rec.results else 0))
-        rec.staging, rec.results, rec.staging_bytes = {}, {}, 0
-        rec.norms.clear()
-        rec.missing.clear()
-        rec.reloading = False
-        self.in_flight.pop(rec.name, None)
-        src, dst = rec.fire("rollback")
-        self._transition(rec, src, dst, "rollback")
+        """A reload that cannot finish: free its staging and results, keep the live tensors.
+        Whole under held SIGINT: a second Ctrl-C lands after the layer is FINALIZED."""
+        with deferred_interrupts():
+            self.ledger.free_staging(rec.staging_bytes
+                                     + (rec.final_bytes if rec.results else 0))
+            rec.staging, rec.results, rec.staging_bytes = {}, {}, 0
+            rec.norms.clear()
+            rec.underflow.clear()
+            rec.missing.clear()
+            rec.reloading = False
+            self.in_flight.pop(rec.name, None)
+            src, dst = rec.fire("rollback")
+            self._transition(rec, src, dst, "rollback")
 
     def quantize(self, rec: LayerRecord) -> None:
         """L4: quantize a COMPLETE layer, then free its staging."""
@@ -457,6 +540,11 @@ class LoadSession:
             self.ledger.free_staging(shared)
             self.ledger.add_final(produced)
         self.ledger.free_staging(rec.staging_bytes - shared)
+        for attr, q in results.items():
+            w = rec.staging.get(attr)
+            if (w is not None and q is not w and q.is_floating_point() and q.dtype.itemsize == 1
+                    and w.is_floating_point() and w.dtype.itemsize > 1):
+                rec.underflow.append((rec.slots[attr].full_name, *flushed_to_zero(w, q)))
         rec.results, rec.staging, rec.staging_bytes = results, {}, 0
         rec.final_bytes = produced
         self._largest_output = max(self._largest_output, produced)
@@ -465,17 +553,22 @@ class LoadSession:
         self._transition(rec, src, dst, "quantize")
 
     def finalize(self, rec: LayerRecord) -> None:
-        """L5: install (first load) or commit in place (reload) the kernel tensors."""
-        if rec.reloading:
-            rec.handler.commit(rec)
-            self.ledger.free_staging(rec.final_bytes)
-            rec.reloading = False
-            self.committed.append(rec.name)
-        else:
-            rec.handler.install(rec)
-        rec.results = {}
-        src, dst = rec.fire("finalize")
-        self._transition(rec, src, dst, "finalize")
+        """L5: install (first load) or commit in place (reload) the kernel tensors.
+
+        The tensors and the record change together under held SIGINT: a Ctrl-C lands
+        after the layer is wholly new and FINALIZED (an exception from the handler
+        leaves it wholly old and QUANTIZED)."""
+        with deferred_interrupts():
+            if rec.reloading:
+                rec.handler.commit(rec)
+                self.ledger.free_staging(rec.final_bytes)
+                rec.reloading = False
+                self.committed.append(rec.name)
+            else:
+                rec.handler.install(rec)
+            rec.results = {}
+            src, dst = rec.fire("finalize")
+            self._transition(rec, src, dst, "finalize")
         if self.on_layer_done is not None:
             self.on_layer_done(rec)
 
@@ -503,20 +596,22 @@ class LoadSession:
                 setattr(module, name, value)
 
     def replace_module(self, rec: LayerRecord, new: nn.Module) -> None:
-        """Swap a layer's module for its kernel form (an FP8 linear, say)."""
-        parent_name, _, child = rec.name.rpartition(".")
-        parent = self.model.get_submodule(parent_name) if parent_name else self.model
-        setattr(parent, child, new)
+        """Swap a layer's module for its kernel form (an FP8 linear, say), under every
+        name it is registered at."""
+        for name in rec.names or [rec.name]:
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            setattr(parent, child, new)
         rec.module = new
 
     # -- L6: finalize sweep ---------------------------------------------------------
     def finish(self) -> LoadReport:
         """Default what may be defaulted, compute buffers, enforce strictness, report."""
         for rec in self.plan.layers.values():
-            if rec.state is LayerState.FINALIZED or rec.required_missing():
+            if rec.state in _DONE or rec.required_missing():     # held or installed
                 continue
             self.complete_with_defaults(rec)
-        self._verify_loaded()
+        self.commit_held()
         self._compute_buffers()
         missing = self._missing()
         for name in missing:                  # incomplete layers keep no staging
@@ -525,16 +620,16 @@ class LoadSession:
             rec.staging, rec.staging_bytes = {}, 0
             self.in_flight.pop(name, None)
         report = self.build_report(missing)
-        report.session = self         # reachable for WeightSync; not a report field
+        report.replan = self.replan   # for WeightSync(model, session=report); not a field
         if missing:
             self.tracer.warning("load_incomplete", missing=missing)
         if self.unexpected:
             self.tracer.warning("unexpected_weights", names=sorted(self.unexpected))
+        if missing and self.strict:
+            raise IncompleteLoadError.listing(missing, self._index)
         self.tracer.event("load_complete", **{k: v for k, v in report.to_dict().items()
                                               if k != "layer_states"})
         self.tracer.close()
-        if missing and self.strict:
-            raise IncompleteLoadError.listing(missing, self._index)
         return report
 
     def _compute_buffers(self) -> None:

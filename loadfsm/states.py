@@ -31,4 +31,7 @@ TRANSITIONS = [
     # A reload that cannot finish keeps the live (old) kernel tensors.
     {"trigger": "rollback", "source": [S.META, S.PARTIAL, S.COMPLETE, S.QUANTIZED],
      "dest": S.FINALIZED},
+    # A first load that failed: the layer's staging and unverified results are dropped,
+    # nothing of it was installed.
+    {"trigger": "abandon",  "source": [S.PARTIAL, S.COMPLETE, S.QUANTIZED], "dest": S.META},
 ]

@@ -27,7 +27,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .errors import PushError
+from .atomic import model_lock
+from .errors import ConcurrentPushError, PushError
 from .integrations.engine import EngineHook
 from .layer import LayerRecord
 from .ledger import nbytes
@@ -35,7 +36,7 @@ from .report import LoadReport
 from .session import COMMIT_BYTES, LoadSession
 from .sources.push import PushRoutes
 from .states import LayerState
-from .trace import Tracer
+from .trace import Tracer, failure
 
 ATOMIC_MODES = ("layer", "model")
 
@@ -94,8 +95,13 @@ class WeightSync:
     FP8 modules report the bf16 slots they were made from, so layers, pieces and the
     quantization config are those of the original load, and ``WeightSync(model)``
     works on any model loadfsm loaded, in this process or another. Passing the load's
-    session (or the ``LoadReport``, whose ``session`` attribute it is) reuses it instead.
-    All per-layer state stays in the session's records.
+    session reuses it instead; passing its ``LoadReport`` re-plans with the load's own
+    pieces and handlers (a report holds no session). All per-layer state stays in the
+    session's records.
+
+    One push runs at a time per model, across every ``WeightSync`` on it: a push that
+    finds another in progress raises ``ConcurrentPushError`` at once (``wait=True``:
+    it waits for its turn instead).
 
     Args:
         model: the model ``session`` loaded.
@@ -110,6 +116,8 @@ class WeightSync:
         device: the device of the loaded model (defaults to the session's); a receiver
             puts its buckets there.
         trace: as in ``loadfsm.load``: ``True``, a JSONL path, or ``None``.
+        wait: a push waits for another push into the same model to end, rather than
+            raising ``ConcurrentPushError``.
 
     Raises:
         ValueError: ``session`` did not load ``model``, a layer is not FINALIZED, or an
@@ -118,11 +126,14 @@ class WeightSync:
 
     def __init__(self, model: nn.Module, *, session: LoadSession | LoadReport | None = None,
                  atomic: str = "layer", device=None, trace=None,
-                 commit_bytes: int = COMMIT_BYTES):
-        if session is None:
-            session = LoadSession.for_loaded_model(model)
+                 commit_bytes: int = COMMIT_BYTES, wait: bool = False):
         if isinstance(session, LoadReport):
-            session = session.session
+            if session.replan.model() is not model:
+                raise ValueError("session did not load this model; pass the session (or "
+                                 "report) that loadfsm.load returned for it")
+            session = LoadSession.for_loaded_model(model, replan=session.replan)
+        elif session is None:
+            session = LoadSession.for_loaded_model(model)
         if session.model is not model:
             raise ValueError("session did not load this model; pass the session (or "
                              "report) that loadfsm.load returned for it")
@@ -136,6 +147,7 @@ class WeightSync:
             raise ValueError(f"layers not FINALIZED cannot take pushes: {unfinished}")
         self.model, self.session, self.atomic = model, session, atomic
         self.commit_bytes = commit_bytes
+        self.wait = wait
         self.device = session.device
         session.tracer = Tracer(trace)
         session.on_layer_done = None          # the load's progress bar is gone
@@ -155,6 +167,9 @@ class WeightSync:
             PushError: a touched layer did not receive all its pieces, or the push failed
                 midway (the cause is chained). Layers still in flight keep their old
                 weights; ``committed`` lists those that took new ones. Retrying succeeds.
+                A Ctrl-C (``KeyboardInterrupt``) leaves the same way: every layer wholly
+                old or wholly new, the trace's ``push_failed`` saying which committed.
+            ConcurrentPushError: another push into this model is in progress.
         """
         def feed(push: PushProgress) -> None:
             for name, tensor in named_tensors:
@@ -194,7 +209,29 @@ class WeightSync:
         return self._run(feed)
 
     def _run(self, feed: Callable[[PushProgress], None]) -> SyncReport:
-        """One push: ``feed`` makes the arrivals (P1..P3), then settle, commit, report."""
+        """One push under the model's push lock: ``feed`` makes the arrivals (P1..P3),
+        then settle, commit, report."""
+        lock = model_lock(self.model)
+        if not lock.acquire(blocking=self.wait):
+            error = ConcurrentPushError("another push into this model is in progress; "
+                                        "nothing was changed", committed=[])
+            self.session.tracer.event("push_failed", **failure(error, committed=[]))
+            raise error
+        try:
+            self._recover()
+            return self._push(feed)
+        finally:
+            lock.release()
+
+    def _recover(self) -> None:
+        """Roll back layers an interrupted rollback left unfinished (a second Ctrl-C):
+        the model's tensors are the old ones, only the records lag."""
+        self.session.held = []
+        stuck = {rec.name: rec for rec in self.session.plan.layers.values()
+                 if rec.state is not LayerState.FINALIZED}
+        self._roll_back(stuck)
+
+    def _push(self, feed: Callable[[PushProgress], None]) -> SyncReport:
         session, ledger = self.session, self.session.ledger
         t0 = time.perf_counter()
         base, outer_peak = ledger.staging + ledger.final, ledger.peak
@@ -211,7 +248,12 @@ class WeightSync:
                     if not (missing and session.hold_all):   # atomic="model": all or none
                         session.commit_held()                           # P4
             except BaseException as exc:
-                rolled = self._roll_back(push.touched)
+                try:
+                    rolled = self._roll_back(push.touched)
+                finally:
+                    session.tracer.event("push_failed", **failure(
+                        exc, tensor=getattr(exc, "tensor", None) or push.current,
+                        committed=list(committed)))
                 if not isinstance(exc, Exception):
                     raise
                 current = push.current
@@ -220,15 +262,20 @@ class WeightSync:
                 raise PushError(f"push failed {where}: {type(exc).__name__}: {exc}; "
                                 f"rolled back {rolled}; committed {committed}",
                                 committed=list(committed), tensor=current,
+                                file=getattr(exc, "file", None),
                                 layer=getattr(exc, "layer", None)) from exc
             if missing:
                 rolled = self._roll_back(push.touched)
                 lines = [f"  {layer}: missing {', '.join(names)}"
                          for layer, names in missing.items()]
-                raise PushError(f"{len(missing)} pushed layer(s) did not receive all their "
-                                "pieces and keep their old weights:\n" + "\n".join(lines)
-                                + f"\nrolled back {rolled}; committed {committed}",
-                                committed=list(committed), layer=next(iter(missing)))
+                error = PushError(f"{len(missing)} pushed layer(s) did not receive all "
+                                  "their pieces and keep their old weights:\n"
+                                  + "\n".join(lines)
+                                  + f"\nrolled back {rolled}; committed {committed}",
+                                  committed=list(committed), layer=next(iter(missing)))
+                session.tracer.event("push_failed", **failure(error,
+                                                              committed=list(committed)))
+                raise error
         finally:
             session.held, session.hold_all = [], False
             peak_extra = ledger.peak - base

@@ -8,7 +8,10 @@ always go to the application's structlog logger as well.
 
 Event names: ``layer_transition``, ``layer_padded``, ``layer_defaulted``,
 ``tied_weight``, ``layers_in_flight``, ``load_incomplete``, ``unexpected_weights``,
-``load_complete``.
+``fp8_underflow``, ``load_complete``, ``load_failed``, ``push_failed``.
+
+The trace is best effort: a sink that raises (a full disk) is dropped with one
+``trace_sink_failed`` warning, and the load or push goes on.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class Tracer:
         self._sinks: list[Any] = []
         self._file: IO[str] | None = None
         self._t0 = time.perf_counter()
+        self._sink_failed = False
         if trace is True:
             self._sinks.append(log)
         elif trace:
@@ -54,18 +58,40 @@ class Tracer:
 
     def event(self, name: str, **fields: Any) -> None:
         fields.setdefault("t", round(self.elapsed(), 6))
-        for sink in self._sinks:
-            sink.info(name, **fields)
+        self._emit("info", name, fields)
 
     def warning(self, name: str, **fields: Any) -> None:
         """Warnings reach the application's logger even when tracing is off."""
         fields.setdefault("t", round(self.elapsed(), 6))
-        for sink in self._sinks:
-            sink.warning(name, **fields)
+        self._emit("warning", name, fields)
         if log not in self._sinks:
             log.warning(name, **fields)
 
+    def _emit(self, level: str, name: str, fields: dict) -> None:
+        for sink in list(self._sinks):
+            try:
+                getattr(sink, level)(name, **fields)
+            except Exception as exc:       # noqa: BLE001 - any sink failure, see module doc
+                self._sinks.remove(sink)
+                self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        if not self._sink_failed:
+            self._sink_failed = True
+            log.warning("trace_sink_failed", error=type(exc).__name__, message=str(exc))
+
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError as exc:
+                self._failed(exc)
+
+
+def failure(exc: BaseException, **extra: Any) -> dict[str, Any]:
+    """Fields of a ``load_failed`` / ``push_failed`` event: the error's class name, its
+    message, and the tensor, file and layer it names (``None`` where it names none)."""
+    return {"error": type(exc).__name__, "message": str(exc),
+            "tensor": getattr(exc, "tensor", None), "file": getattr(exc, "file", None),
+            "layer": getattr(exc, "layer", None), **extra}

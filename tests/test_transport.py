@@ -83,7 +83,7 @@ def _engine(config, tmp, fail_at):
         state = model.state_dict()
         record.update(
             layers_updated=sync_report.layers_updated,
-            layers=len(report.session.plan.layers),
+            layers=len(report.layer_states),
             mismatched=[n for n, t in state.items()
                         if not torch.equal(_bits(t), _bits(expected[n]))],
             moved=[n for n, t in state.items() if t.data_ptr() != addresses[n]],

@@ -99,8 +99,10 @@ def test_replanned_sync_knows_the_original_plan():
     """Re-planning an FP8 model recovers its bf16 slots, pieces and quantization config."""
     model, report = _load(SMALL_MOE, reference_state_dict(SMALL_MOE, 0), "fp8-channel")
     sync = loadfsm.WeightSync(model)
-    original = report.session.plan
-    assert sync.session.quant == report.session.quant
+    load_session = loadfsm.LoadSession(build_model(SMALL_MOE), quant="fp8-channel",
+                                       device="cpu")     # what the load planned
+    original = load_session.plan
+    assert sync.session.quant == load_session.quant
     assert sync.session.plan.by_ckpt.keys() == original.by_ckpt.keys()
     for name, rec in original.layers.items():
         replanned = sync.session.plan.layers[name]

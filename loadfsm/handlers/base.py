@@ -11,6 +11,7 @@ session records every piece's max|x| at arrival and verifies them in batches.
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
@@ -47,7 +48,13 @@ class Handler:
     name: ClassVar[str] = "base"
 
     def __init__(self, session: "LoadSession"):
-        self.session = session
+        # Weak: the session holds its handlers, and a cycle would keep its tensors alive
+        # until the garbage collector runs.
+        self._session = weakref.ref(session)
+
+    @property
+    def session(self) -> "LoadSession":
+        return self._session()
 
     def claims(self, layer_name: str, module: nn.Module) -> bool:
         return False
@@ -84,7 +91,9 @@ class Handler:
         """Reload: copy the new results into the live tensors, keeping their storage.
 
         Every pair is checked before the first copy, so a mismatch leaves the layer
-        wholly old rather than half-written.
+        wholly old. The copies run smallest first, the largest last; the live values
+        of all but the last are kept aside, so an exception during the copies puts the
+        old tensors back (the session holds SIGINT over the commit on the main thread).
         """
         live = self.live_tensors(rec)
         for attr, tensor in rec.results.items():
@@ -95,5 +104,15 @@ class Handler:
                     f"tensor {None if target is None else (tuple(target.shape), target.dtype)}",
                     tensor=rec.slots[attr].full_name if attr in rec.slots else attr,
                     layer=rec.name)
-        for attr, tensor in rec.results.items():
-            live[attr].data.copy_(tensor)
+        pairs = sorted(((live[attr].data, new) for attr, new in rec.results.items()),
+                       key=lambda pair: pair[1].numel())
+        kept = [target.clone() for target, _ in pairs[:-1]]
+        done = 0
+        try:
+            for target, new in pairs:
+                target.copy_(new)
+                done += 1
+        except BaseException:
+            for (target, _), old in zip(pairs[:done], kept):
+                target.copy_(old)
+            raise

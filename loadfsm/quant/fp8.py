@@ -104,6 +104,15 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, config: Fp8Config,
     return (q.float() * _expand_scale(scale, config, 0, n, k)).to(dtype)
 
 
+def flushed_to_zero(w: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(flushed, nonzero)``: how many nonzero values of ``w`` became zero in its FP8
+    form ``q``, and how many were nonzero. Counts stay on the device (no sync), so a
+    caller can check them with its other batched verifications."""
+    nonzero = w != 0
+    zero = (q.view(torch.uint8) & 0x7F) == 0          # +0 and -0 in e4m3fn
+    return torch.count_nonzero(zero & nonzero), torch.count_nonzero(nonzero)
+
+
 def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio of ``test`` against ``ref`` in dB (float64)."""
     ref64, test64 = ref.double(), test.double()

@@ -1,0 +1,55 @@
+"""Sections that must finish whole: a layer's commit, one push per model.
+
+A Ctrl-C that lands between the weight and the scale copy of an FP8 commit would leave
+a layer half new. ``deferred_interrupts`` holds SIGINT until the section ends (Python
+runs signal handlers on the main thread only, so other threads need no deferral; an
+exception there is undone by the caller). ``model_lock`` is the one push lock of a model,
+shared by every ``WeightSync`` on it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import weakref
+from contextlib import contextmanager
+from typing import Iterator
+
+from torch import nn
+
+_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Run the body with SIGINT held; a SIGINT that arrived is delivered at the end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[tuple[int, object]] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum,
+                                                                                 frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            _deliver(previous, *received[0])
+
+
+def _deliver(handler, signum: int, frame) -> None:
+    if callable(handler):
+        handler(signum, frame)            # default_int_handler raises KeyboardInterrupt
+    elif handler == signal.SIG_DFL:
+        os.kill(os.getpid(), signum)
+
+
+def model_lock(model: nn.Module) -> threading.Lock:
+    """The push lock of ``model`` (created on first use, gone with the model)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.Lock()
+        return lock
