@@ -8,10 +8,10 @@ with warnings.catch_warnings():
     import torch  # noqa: F401
 
 from .api import load
-from .errors import (CorruptCheckpointError, DtypeMismatchError, DuplicateWeightError,
-                     IllegalTransitionError, IncompleteLoadError, LoadError,
-                     NonFiniteWeightError, PushError, ShapeMismatchError,
-                     UnexpectedWeightError)
+from .errors import (ConcurrentPushError, CorruptCheckpointError, DtypeMismatchError,
+                     DuplicateWeightError, IllegalTransitionError, IncompleteLoadError,
+                     LoadError, ModelStateError, NonFiniteWeightError, PushError,
+                     ShapeMismatchError, UnexpectedWeightError)
 from .integrations.engine import ShardWriteError, UnknownShardError
 from .quant.config import Fp8Config
 from .report import LoadReport
@@ -24,5 +24,5 @@ __all__ = [
     "LoadError", "IllegalTransitionError", "CorruptCheckpointError", "UnexpectedWeightError",
     "DuplicateWeightError", "ShapeMismatchError", "DtypeMismatchError",
     "NonFiniteWeightError", "IncompleteLoadError", "PushError", "WeightSync", "SyncReport",
-    "UnknownShardError", "ShardWriteError",
+    "UnknownShardError", "ShardWriteError", "ConcurrentPushError", "ModelStateError",
 ]
