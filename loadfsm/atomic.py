@@ -25,12 +25,13 @@ _LOCKS_GUARD = threading.Lock()
 @contextmanager
 def deferred_interrupts() -> Iterator[None]:
     """Run the body with SIGINT held; a SIGINT that arrived is delivered at the end."""
-    if threading.current_thread() is not threading.main_thread():
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is None):     # a handler not set from Python
         yield
         return
     received: list[tuple[int, object]] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum,
-                                                                                 frame)))
+    previous = signal.signal(signal.SIGINT,
+                             lambda signum, frame: received.append((signum, frame)))
     try:
         yield
     finally:

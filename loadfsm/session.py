@@ -142,10 +142,11 @@ class LoadSession:
                  if callable(getattr(rec.module, "full_precision_slots", None))
                  and not rec.handler.makes_new_tensors]
         if stale:
+            kind = type(self.plan.layers[stale[0]].module).__name__
             raise ModelStateError(
-                f"{len(stale)} layer(s) hold kernel modules ({type(self.plan.layers[stale[0]].module).__name__}) "
-                f"from an earlier quantized load that quant={self.quant!r} cannot replace; "
-                "build the model again on meta, or load with the same scheme",
+                f"{len(stale)} layer(s) hold kernel modules ({kind}) from an earlier "
+                f"quantized load that quant={self.quant!r} cannot replace; "
+                "build the model again on meta, or load it with an FP8 scheme",
                 layer=stale[0])
 
     def _name_modules(self) -> None:

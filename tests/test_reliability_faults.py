@@ -10,6 +10,7 @@ from structlog.testing import capture_logs
 from torch import nn
 
 import loadfsm
+from loadfsm.atomic import deferred_interrupts
 from loadfsm.errors import ConcurrentPushError, ModelStateError
 from loadfsm.models import CONFIGS, build_model, reference_state_dict
 from loadfsm.quant.linear import Fp8Linear
@@ -279,3 +280,17 @@ def test_normal_weights_do_not_warn_of_underflow():
     with capture_logs() as events:
         _loaded(0)
     assert not [e for e in events if e["event"] == "fp8_underflow"]
+
+
+def test_held_interrupt_reaches_the_applications_own_handler_once():
+    """A SIGINT inside a held section reaches the application's handler once, at its end."""
+    calls = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
+    try:
+        with deferred_interrupts():
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+            assert calls == []
+        assert calls == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, previous)

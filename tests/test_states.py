@@ -78,3 +78,15 @@ def test_planning_is_linear_in_layers():
     large = _plan_seconds(100_000)
     # Linear gives ~100x; quadratic would give ~10,000x. Allow generous noise.
     assert large < small * 100 * 5, (small, large)
+
+
+def test_abandon_returns_an_unfinished_first_load_to_meta_never_a_finalized_layer():
+    """A failed first load takes its unfinished layers back to META; FINALIZED stays."""
+    rec = _record()
+    for trigger in ("arrive", "complete", "quantize"):
+        rec.fire(trigger)
+    assert rec.fire("abandon") == (LayerState.QUANTIZED, LayerState.META)
+    for trigger in ("arrive", "complete", "quantize", "finalize"):
+        rec.fire(trigger)
+    with pytest.raises(loadfsm.IllegalTransitionError, match="abandon"):
+        rec.fire("abandon")

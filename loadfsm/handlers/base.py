@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ShapeMismatchError
+from ..ledger import nbytes
 
 
 if TYPE_CHECKING:
@@ -107,6 +108,8 @@ class Handler:
         pairs = sorted(((live[attr].data, new) for attr, new in rec.results.items()),
                        key=lambda pair: pair[1].numel())
         kept = [target.clone() for target, _ in pairs[:-1]]
+        ledger, kept_bytes = self.session.ledger, sum(nbytes(t) for t in kept)
+        ledger.add_staging(kept_bytes)
         done = 0
         try:
             for target, new in pairs:
@@ -116,3 +119,5 @@ class Handler:
             for (target, _), old in zip(pairs[:done], kept):
                 target.copy_(old)
             raise
+        finally:
+            ledger.free_staging(kept_bytes)
