@@ -294,3 +294,20 @@ def test_held_interrupt_reaches_the_applications_own_handler_once():
         assert calls == [signal.SIGINT]
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("numel", [1, 1000, (1 << 18) + 7, (1 << 22) + 3],
+                         ids=["one", "small", "chunk-edge", "many-chunks"])
+def test_underflow_count_is_exact_across_chunks(numel):
+    """The chunked count of FP8-flushed values equals the direct count, -0 included."""
+    from loadfsm.quant.config import Fp8Config
+    from loadfsm.quant.fp8 import flushed_to_zero, quantize_fp8
+    gen = torch.Generator().manual_seed(numel)
+    w = (torch.randn(numel, generator=gen) * torch.rand(numel, generator=gen) ** 8)
+    w = w.to(torch.bfloat16).reshape(1, numel)
+    w[0, 0] = -1e4 if numel > 1 else 0.0
+    q, _ = quantize_fp8(w, Fp8Config("tensor"))
+    flushed, nonzero = flushed_to_zero(w, q)
+    zero_q = (q.view(torch.uint8) & 0x7F) == 0
+    assert nonzero.item() == int((w != 0).sum())
+    assert flushed.item() == int(((w != 0) & zero_q).sum())
