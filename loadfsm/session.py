@@ -37,6 +37,7 @@ from .ledger import MemoryLedger, nbytes
 from .pieces import Piece
 from .plan import TensorEntry, check_fits, plan_layers
 from .handlers.fp8 import quant_name
+from .handlers.kernels import installers
 from .integrations.engine_shards import loader_pieces, uses_weight_loaders
 from .quant.config import resolve_quant
 from .quant.fp8 import flushed_to_zero
@@ -183,7 +184,8 @@ class LoadSession:
         device = tensors[0].device if tensors else default_device()
         replan = replan or Replan(weakref.ref(model), None, ())
         session = cls(model, quant=next(iter(configs), None), device=device, trace=trace,
-                      pieces=replan.pieces, handlers=replan.handlers)
+                      pieces=replan.pieces,
+                      handlers=dict.fromkeys((*replan.handlers, *installers(model))))
         for rec in session.plan.layers.values():
             rec.state = LayerState.FINALIZED      # initial state of a live layer
             rec.final_bytes = sum(nbytes(t) for t in rec.handler.live_tensors(rec).values())

@@ -47,6 +47,9 @@ class Handler:
     """Default behaviour: load tensors as they are (no quantization)."""
 
     name: ClassVar[str] = "base"
+    # Kernel module classes this handler puts into a model: re-planning a loaded model
+    # gives such a module back to this handler (``handlers.kernels``). Declared, not inherited.
+    installs: ClassVar[tuple[type[nn.Module], ...]] = ()
 
     def __init__(self, session: "LoadSession"):
         # Weak: the session holds its handlers, and a cycle would keep its tensors alive

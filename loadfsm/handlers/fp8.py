@@ -18,6 +18,7 @@ from ..quant.config import Fp8Config
 from ..quant.fp8 import quantize_fp8
 from ..quant.linear import Fp8Linear, Fp8StackedExperts
 from .base import Handler, register_handler
+from .kernels import installer_of
 
 _NAMES = {"tensor": "fp8", "channel": "fp8-channel", "block": "fp8-block"}
 
@@ -26,27 +27,31 @@ def quant_name(config: Fp8Config | None) -> str | None:
     return None if config is None else _NAMES[config.granularity]
 
 
-# Weight attributes to quantize, per module kind; everything else passes through.
+# Weight attributes to quantize, per plain module class; everything else passes through.
+# Exact classes: a subclass may change ``forward`` in ways the FP8 module would not keep.
 _QUANTIZED = {nn.Linear: ("weight",), StackedExperts: ("gate_up_proj", "down_proj")}
-# Modules this handler installed: a weight push into a loaded model re-plans from them.
-_INSTALLED = {Fp8Linear: nn.Linear, Fp8StackedExperts: StackedExperts}
-
-
-def _kind(module: nn.Module):
-    kind = _INSTALLED.get(type(module), type(module))
-    return kind if kind in _QUANTIZED else None
 
 
 @register_handler("fp8")
 class Fp8Handler(Handler):
-    """Claims ``nn.Linear`` and ``StackedExperts`` layers not excluded by the config."""
+    """Claims ``nn.Linear`` and ``StackedExperts`` layers not excluded by the config.
+
+    A kernel module a registered handler installed (``installs``) goes back to that
+    handler, so a weight push into a loaded model re-plans onto the same handler.
+    """
 
     makes_new_tensors = True
+    installs = (Fp8Linear, Fp8StackedExperts)
 
     def claims(self, layer_name, module) -> bool:
-        if type(module) in _INSTALLED:
-            return True
-        return _kind(module) is not None and not self.session.quant.excludes(layer_name)
+        owner = installer_of(module)
+        if owner is not None:
+            return owner is type(self)
+        return self.quantizes(module) and not self.session.quant.excludes(layer_name)
+
+    def quantizes(self, module: nn.Module) -> bool:
+        """Whether a plain (not yet FP8) module is of a kind this handler quantizes."""
+        return type(module) in _QUANTIZED
 
     def quantize(self, rec) -> dict[str, torch.Tensor]:
         config = self.session.quant
@@ -61,11 +66,11 @@ class Fp8Handler(Handler):
 
     def weight_attrs(self, rec) -> tuple[str, ...]:
         """The layer's tensors quantized to FP8; the others (bias) pass through."""
-        return _QUANTIZED[_kind_of(rec)]
+        return _QUANTIZED[_kind(rec.module)]
 
     def install(self, rec) -> None:                                       # Q3
         config, res = self.session.quant, rec.results
-        if _kind_of(rec) is nn.Linear:
+        if _kind(rec.module) is nn.Linear:
             dtype = rec.slots["weight"].dtype
             new = Fp8Linear.from_quantized(res["weight"], res["weight_scale"], res.get("bias"),
                                            config, out_dtype=dtype)
@@ -80,6 +85,8 @@ class Fp8Handler(Handler):
         return dict(rec.module.named_parameters(recurse=False))
 
 
-def _kind_of(rec):
-    """The plain module kind of a layer, also once its FP8 module is installed."""
-    return _kind(rec.module)
+def _kind(module: nn.Module) -> type[nn.Module]:
+    """The plain module class of a layer, also once its FP8 module is installed."""
+    if isinstance(module, Fp8Linear):
+        return nn.Linear
+    return StackedExperts if isinstance(module, StackedExperts) else type(module)

@@ -65,8 +65,10 @@ def is_fused_experts(module: nn.Module) -> bool:
 class HfExpertsFp8Handler(Fp8Handler):
     """Claims transformers' fused experts not excluded; installs ``Fp8Experts``."""
 
-    def claims(self, layer_name, module) -> bool:
-        return is_fused_experts(module) and not self.session.quant.excludes(layer_name)
+    installs = (Fp8Experts,)
+
+    def quantizes(self, module) -> bool:
+        return is_fused_experts(module)
 
     def weight_attrs(self, rec) -> tuple[str, ...]:
         return ("gate_up_proj", "down_proj")
