@@ -38,7 +38,7 @@ from .pieces import Piece
 from .plan import TensorEntry, check_fits, plan_layers
 from .handlers.fp8 import quant_name
 from .handlers.kernels import installers
-from .integrations.engine_shards import loader_pieces, uses_weight_loaders
+from .integrations.engine_shards import buffer_init, loader_pieces, uses_weight_loaders
 from .quant.config import resolve_quant
 from .quant.fp8 import flushed_to_zero
 from .report import LoadReport
@@ -637,8 +637,8 @@ class LoadSession:
 
     def _compute_buffers(self) -> None:
         for module in self.model.modules():
-            compute = getattr(module, "compute_buffers", None)
-            if callable(compute) and any(b is not None and b.is_meta
+            compute = buffer_init(module)
+            if compute is not None and any(b is not None and b.is_meta
                                          for b in module._buffers.values()):
                 compute(self.device)
 

@@ -245,3 +245,105 @@ def test_nan_written_by_the_engine_raises_naming_the_shard(quant):
         with loadfsm.LoadSession(model, quant=quant, device="cpu"):
             model.load_weights(state.items())
     assert err.value.layer == "model.layers.1.self_attn.qkv_proj"
+
+
+class PartialWriteModel(nn.Module):
+    """One parameter without shards whose loader is ``write(param, loaded_weight)``."""
+
+    def __init__(self, write):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(8, 4, dtype=torch.bfloat16), requires_grad=False)
+        self.weight.weight_loader = write
+
+
+def _strided(param, w):
+    param.data[::2].copy_(w[::2])
+
+
+def _index_copy(param, w):
+    param.data.index_copy_(0, torch.tensor([0, 2, 5]), w[[0, 2, 5]])
+
+
+def _advanced(param, w):
+    param.data[torch.tensor([1, 3, 7])] = w[[1, 3, 7]]
+
+
+def _transposed_gap(param, w):
+    param.data.t()[:, :6].copy_(w.t()[:, :6])
+    param.data[7].copy_(w[7])
+
+
+@pytest.mark.parametrize("write, rows", [
+    (_strided, "dim 0 rows 1, 3, 5"), (_index_copy, "dim 0 rows 1, 3, 4"),
+    (_advanced, "dim 0 rows 2, 4, 5, 6"), (_transposed_gap, "dim 0 rows 6"),
+], ids=["strided-slice", "index_copy_", "advanced-index", "transpose-gap"])
+def test_partial_write_is_refused_naming_the_rows(write, rows):
+    """A loader writing only some rows (strided, indexed, transposed) raises ShardWriteError
+    naming the parameter and the unwritten rows; the layer stays unloaded."""
+    with torch.device("meta"):
+        model = PartialWriteModel(write)
+    param = model.weight
+    with pytest.raises(loadfsm.ShardWriteError, match="unwritten") as err:
+        with loadfsm.LoadSession(model, device="cpu") as session:
+            param.weight_loader(param, torch.ones(8, 4, dtype=torch.bfloat16))
+    assert err.value.param == "weight" and err.value.rows == rows
+    assert session.plan.layers["<root>"].state is loadfsm.LayerState.META
+
+
+def _permuted(param, w):
+    order = torch.tensor([3, 0, 7, 1, 6, 2, 5, 4])
+    param.data.index_copy_(0, order, w[order])
+
+
+def _every_other_twice(param, w):
+    param.data[::2] = w[::2]
+    param.data[1::2] = w[1::2]
+
+
+@pytest.mark.parametrize("write", [_permuted, _every_other_twice], ids=["index_copy_", "strided"])
+def test_indexed_writes_covering_every_row_are_tracked_exactly(write):
+    """Indexed or strided writes that do cover the whole parameter load it exactly."""
+    with torch.device("meta"):
+        model = PartialWriteModel(write)
+    param = model.weight
+    w = torch.arange(32, dtype=torch.bfloat16).reshape(8, 4)
+    with loadfsm.LoadSession(model, device="cpu") as session:
+        param.weight_loader(param, w)
+    assert session.report.states["FINALIZED"] == 1 and not session.report.padded
+    assert torch.equal(model.weight, w)
+
+
+def _head_rows_stepped(param, w):
+    param.data[0:6:2].copy_(w[0:6:2])
+    param.data[1:6:2].copy_(w[1:6:2])
+
+
+def test_padding_claimed_zero_filled_is_zero():
+    """Rows past a gapless write are zero-filled (not allocator garbage), whatever the write."""
+    with torch.device("meta"):
+        model = PartialWriteModel(_head_rows_stepped)
+    param = model.weight
+    with loadfsm.LoadSession(model, device="cpu"):
+        param.weight_loader(param, torch.ones(8, 4, dtype=torch.bfloat16))
+    assert torch.equal(model.weight[:6], torch.ones(6, 4, dtype=torch.bfloat16))
+    assert torch.equal(model.weight[6:], torch.zeros(2, 4, dtype=torch.bfloat16))
+
+
+class GappedQKV(QKVParallelLinear):
+    """Its q shard skips every other row through a stepped slice."""
+
+    def weight_loader(self, param, loaded_weight, loaded_shard_id):
+        if loaded_shard_id != "q":
+            return super().weight_loader(param, loaded_weight, loaded_shard_id)
+        param.data[0:self.q_size:2].copy_(loaded_weight[::2])
+
+
+def test_shard_left_partly_unwritten_raises():
+    """A fused shard written through a stepped slice names its unwritten rows."""
+    with torch.device("meta"):
+        model = FusedQKVEngineModel(GappedQKV)
+    param = model.qkv_proj.weight
+    with pytest.raises(loadfsm.ShardWriteError, match=r"dim 0 rows 1, 3, 5") as err:
+        with loadfsm.LoadSession(model, device="cpu"):
+            param.weight_loader(param, torch.ones(64, 64, dtype=torch.bfloat16), "q")
+    assert (err.value.param, err.value.shard) == ("qkv_proj.weight", "q")

@@ -17,14 +17,18 @@ convention). The steps, cited below as E1..E5:
   E3 the layer materializes at its first call and the engine's loader runs on a
      Parameter over the staging tensor (same attributes as the engine's parameter), under
      a write tracker, so it writes into real memory;
-  E4 the region written must be the piece's: a write outside the shard or the parameter
-     raises; a parameter without shards written only in part (vocab padding, a TP rank's
-     last rows) has the rest zero-filled; then the arrival fires, and the layer's last
-     piece completes, quantizes and finalizes it;
-  E5 exit: each wrapped parameter gets its original loader back (also when the load
-     raised); parameters installed in full precision carry the engine's attributes
-     (``weight_loader``, ``output_dim``...) as the meta ones did; quantized ones are new
-     kernel tensors and carry none.
+  E4 the elements written must be exactly the piece's region (tracked exactly, whatever
+     the write: ``writes``): a write outside the shard or the parameter, or rows left
+     unwritten, raise ``ShardWriteError`` naming the parameter and the rows; a parameter
+     without shards written as one gapless box smaller than itself (vocab padding, a TP
+     rank's last rows) has the rest zero-filled; then the arrival fires, and the layer's
+     last piece completes, quantizes and finalizes it;
+  E5 exit: each wrapped parameter gets exactly its own loader entries back (also when
+     the load raised; vLLM keeps its loader behind a property, whose deleter would set it
+     to ``None``); every installed parameter, FP8 ones included, is of the engine's
+     parameter class and carries its attributes and the very same loader object (vLLM's
+     ``replace_parameter`` keeps them too), so the engine's own ``load_weights`` still
+     works.
 
 Reload (RL weight sync, ``WeightSync.push_with``): the engine calls ``load_weights``
 again on the loaded model. The hook then wraps the *live* parameters (FP8 and full
@@ -55,15 +59,15 @@ from ..errors import DuplicateWeightError, LoadError, ShapeMismatchError
 from ..layer import LayerRecord
 from ..states import LayerState
 from .engine_shards import ShardId, piece_name
-from .writes import (Box, WriteTracker, bounding_box, box_numel, box_text, box_within,
-                     full_box, region_box, zero_outside)
+from .writes import (WriteTracker, box_index, box_text, box_within, full_box, mask_box,
+                     region_box, unwritten_rows, zero_outside)
 
 if TYPE_CHECKING:
     from ..session import LoadSession
     from ..sync import PushProgress
 
 _SHARD_ARGS = ("shard_id", "loaded_shard_id")
-_MISSING = object()
+_LOADER_KEYS = ("weight_loader", "_weight_loader")
 
 
 class UnknownShardError(LoadError):
@@ -75,11 +79,13 @@ class UnknownShardError(LoadError):
 
 
 class ShardWriteError(LoadError):
-    """A loader call wrote outside its shard or its parameter, or left part of it unwritten."""
+    """A loader call wrote outside its shard or its parameter, or left part of it unwritten
+    (``rows``: which, as ``"dim 0 rows 1, 3"``)."""
 
-    def __init__(self, message: str, *, param: str, shard: ShardId, **where):
+    def __init__(self, message: str, *, param: str, shard: ShardId, rows: str | None = None,
+                 **where):
         super().__init__(message, **where)
-        self.param, self.shard = param, shard
+        self.param, self.shard, self.rows = param, shard, rows
 
 
 def default_weight_loader(param: nn.Parameter, loaded_weight) -> None:
@@ -99,7 +105,7 @@ class _Wrapped:
     attr: str
     full: str
     loader: Callable                       # what the engine's call runs (E3)
-    original: Any                          # its own attribute before E1, or _MISSING
+    original: dict[str, Any]               # its own loader entries (``vars``) before E1
     signature: inspect.Signature | None
     shard_params: tuple[str, ...]          # names its signature gives shard / expert ids
     expert_param: str | None
@@ -129,9 +135,12 @@ class EngineHook:
                 param = rec.module._parameters.get(attr)
                 if slot.is_buffer or param is None or param.is_meta == reloading:
                     continue
-                original = vars(param).get("weight_loader", _MISSING)
-                own = (default_weight_loader if original is _MISSING else original,
-                       {k: v for k, v in vars(param).items() if k != "weight_loader"})
+                # vLLM keeps the loader behind a property (``_weight_loader``): the
+                # entries to give back are the instance's own, whatever their names.
+                original = {k: v for k, v in vars(param).items() if k in _LOADER_KEYS}
+                found = getattr(param, "weight_loader", None)
+                own = (default_weight_loader if found is None else found,
+                       {k: v for k, v in vars(param).items() if k not in _LOADER_KEYS})
                 if reloading:     # FP8 parameters carry no loader: run what E1 saw
                     loader, engine_attrs = seen.get(slot.full_name, own)
                 else:
@@ -146,34 +155,38 @@ class EngineHook:
 
     def restore(self) -> None:                                                  # E5
         for w in self._wrapped:
-            if w.original is _MISSING:
-                del w.param.weight_loader
-            else:
-                w.param.weight_loader = w.original
-            self._carry_attrs(w)
+            _give_back(w.param, w.original)
+            self._carry(w)
         self._wrapped.clear()
 
-    def _carry_attrs(self, w: _Wrapped) -> None:
+    def _carry(self, w: _Wrapped) -> None:
+        """The installed parameter takes the engine's class, attributes and loader object
+        (vLLM's loaders call methods of their parameter's class; ``replace_parameter``
+        keeps them on FP8 weights too), under every name it has."""
         live = w.rec.module._parameters.get(w.attr)
-        if (live is None or live is w.param or live.is_meta or live.dtype != w.param.dtype
-                or live.shape != w.param.shape):
+        if live is None or live is w.param or live.is_meta:
             return
-        for key, value in w.engine_attrs.items():
-            setattr(live, key, value)
-        if w.original is not _MISSING:
-            live.weight_loader = w.original
+        if type(live) is not type(w.param):
+            live = _as_class(w.param, live.data, live.requires_grad)
+            slot = w.rec.slots[w.attr]
+            for full in [slot.full_name, *slot.aliases]:
+                owner, _, name = full.rpartition(".")
+                module = self.session.model.get_submodule(owner)
+                module._parameters[name] = live
+        vars(live).update(w.engine_attrs)
+        _give_back(live, w.original)
 
     def _wrapper(self, w: _Wrapped) -> Callable:
         def weight_loader(param, loaded_weight, *args, **kwargs):
             if param is not w.param:
                 raise TypeError(f"the weight_loader of {w.full} was called with another "
                                 f"parameter")
-            return self.load(w, loaded_weight, args, kwargs)
+            return self.load(w, loaded_weight, args, kwargs)   # vLLM reads ``success``
 
         return weight_loader
 
     # -- one call ----------------------------------------------------------------------
-    def load(self, w: _Wrapped, loaded_weight, args: tuple, kwargs: dict) -> None:
+    def load(self, w: _Wrapped, loaded_weight, args: tuple, kwargs: dict):
         shard, expert = self._ids(w, args, kwargs)
         rec, session = w.rec, self.session
         label = piece_name(w.full, shard, expert)
@@ -181,12 +194,11 @@ class EngineHook:
             self._push.begin(rec, label)                                        # R1
         names = self._names(w, shard, expert)                                  # E2
         staging = session.stage(rec)[w.attr]                                    # E3
-        target = nn.Parameter(staging, requires_grad=False)
-        for key, value in w.engine_attrs.items():
-            setattr(target, key, value)
+        target = _as_class(w.param, staging, False)     # its loader calls class methods
+        vars(target).update(w.engine_attrs)
         with WriteTracker(staging) as tracker:
             try:
-                w.loader(target, loaded_weight, *args, **kwargs)
+                result = w.loader(target, loaded_weight, *args, **kwargs)
             except (RuntimeError, IndexError) as exc:
                 if isinstance(exc, torch.OutOfMemoryError):
                     raise
@@ -197,11 +209,12 @@ class EngineHook:
             raise ShardWriteError(f"the weight_loader of {w.full} replaced param.data "
                                   f"instead of writing into it", param=w.full, shard=shard,
                                   tensor=label, layer=rec.name)
-        self._check_writes(w, staging, names, tracker.boxes, shard, label)      # E4
+        self._check_writes(w, staging, names, tracker, shard, label)            # E4
         nbytes = sum(math.prod(rec.shapes[n]) for n in names) * staging.element_size()
         session.arrive_in_place(rec, names, nbytes, piece=label, shard=shard, expert=expert)
         if self._push is not None:
             self._push.done(nbytes)
+        return result
 
     def _ids(self, w: _Wrapped, args: tuple, kwargs: dict) -> tuple[ShardId, int | None]:
         if not w.shard_params and w.expert_param is None:
@@ -236,36 +249,64 @@ class EngineHook:
         return names
 
     def _check_writes(self, w: _Wrapped, staging: torch.Tensor, names: tuple[str, ...],
-                      boxes: list[Box | None], shard: ShardId, label: str) -> None:
-        rec = w.rec
+                      tracker: WriteTracker, shard: ShardId, label: str) -> None:
+        """E4: the call wrote exactly its pieces' regions (one box, checked in O(ndim);
+        anything else element by element), or, for a parameter without declared shards,
+        one gapless box whose outside is then zero-filled."""
+        rec, shape = w.rec, staging.shape
 
-        def fail(message: str) -> ShardWriteError:
+        def fail(message: str, rows: str | None = None) -> ShardWriteError:
             return ShardWriteError(f"the weight_loader of {w.full} (shard {shard!r}) "
                                    f"{message}", param=w.full, shard=shard, tensor=label,
-                                   layer=rec.name)
+                                   layer=rec.name, rows=rows)
 
-        if not boxes:
-            raise fail("wrote nothing into the parameter")
-        if any(box is None for box in boxes):
-            return      # a write no box describes (a transpose): inside the tensor, trusted
-        shape = staging.shape
         allowed = [region_box(shape, rec.pieces[n].region) for n in names]
-        if names == (w.full,) and not rec.pieces[w.full].region:
-            written = bounding_box(boxes)        # no declared shards: the write says where
-            if sum(box_numel(b) for b in boxes) < box_numel(written):
-                raise fail(f"left gaps inside {box_text(written)}")
-            if written != full_box(shape):
-                zero_outside(staging, written)
-                if not rec.reloading:
-                    self.session.tracer.event("layer_padded", layer=rec.name, tensors=[w.full],
-                                              written=box_text(written))
-            return
-        for box in boxes:
-            if not any(box_within(box, a) for a in allowed):
-                raise fail(f"wrote {box_text(box)}, outside its region "
-                           f"{' + '.join(box_text(a) for a in allowed)}")
-        if sum(box_numel(b) for b in boxes) < sum(box_numel(a) for a in allowed):
-            raise fail(f"left part of {' + '.join(box_text(a) for a in allowed)} unwritten")
+        whole = names == (w.full,) and not rec.pieces[w.full].region
+        if tracker.mask is None and len(tracker.boxes) == 1 and len(names) == 1:
+            box = written = tracker.boxes[0]
+            if not whole and not box_within(box, allowed[0]):
+                raise fail(f"wrote {box_text(box)}, outside its region {box_text(allowed[0])}")
+            exact = whole or box == allowed[0]
+        else:
+            mask = tracker.written()
+            written = mask_box(mask)
+            if written is None:
+                raise fail("wrote nothing into the parameter")
+            if not whole:
+                outside = mask.clone()
+                for region in allowed:
+                    outside[box_index(region)] = False
+                stray = mask_box(outside)
+                if stray is not None:
+                    raise fail(f"wrote {box_text(stray)}, outside its region "
+                               f"{' + '.join(box_text(a) for a in allowed)}")
+            exact = all(bool(mask[box_index(a)].all())
+                        for a in ([written] if whole else allowed))
+        if not exact:
+            mask = tracker.written()
+            gaps = [a for a in ([written] if whole else allowed)
+                    if not bool(mask[box_index(a)].all())]
+            rows = unwritten_rows(mask, gaps[0])
+            raise fail(f"left {rows} of {box_text(gaps[0])} unwritten", rows=rows)
+        if whole and written != full_box(shape):
+            zero_outside(staging, written)     # vocab padding, a TP rank's last rows
+            if not rec.reloading:
+                self.session.tracer.event("layer_padded", layer=rec.name, tensors=[w.full],
+                                          written=box_text(written))
+
+
+def _give_back(param: nn.Parameter, original: dict[str, Any]) -> None:
+    """Exactly the loader entries ``param`` had: neither deleted through vLLM's property
+    (which would set it to ``None``) nor left wrapped."""
+    for key in _LOADER_KEYS:
+        vars(param).pop(key, None)
+    vars(param).update(original)
+
+
+def _as_class(like: nn.Parameter, data: torch.Tensor, requires_grad: bool) -> nn.Parameter:
+    """A parameter of ``like``'s class over ``data`` (no ``__init__``: its attributes are
+    copied by the caller)."""
+    return torch.Tensor._make_subclass(type(like), data, requires_grad)
 
 
 def _signature(loader: Callable) -> inspect.Signature | None:

@@ -15,8 +15,12 @@ from the write itself: see ``writes``).
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable
+
+import torch
 
 from torch import nn
 
@@ -45,6 +49,7 @@ class LoaderShard:
 
 
 _LAYOUTS: dict[type, Callable[[nn.Module], Iterable[LoaderShard]]] = {}
+_BUFFER_INITS: dict[type, Callable[[nn.Module, torch.device], None]] = {}
 
 
 def register_shard_layout(cls: type[nn.Module]):
@@ -65,6 +70,31 @@ def register_shard_layout(cls: type[nn.Module]):
         return fn
 
     return wrap
+
+
+def register_buffer_init(cls: type[nn.Module]):
+    """Decorator: ``fn(module, device)`` computes the non-persistent buffers of ``cls``
+    modules built on ``meta`` (an engine class's rotary cache), as their own
+    ``compute_buffers(device)`` method would."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"{cls!r} is not an nn.Module subclass")
+
+    def wrap(fn):
+        _BUFFER_INITS[cls] = fn
+        return fn
+
+    return wrap
+
+
+def buffer_init(module: nn.Module) -> Callable[[torch.device], None] | None:
+    """``module``'s buffer computation: its own ``compute_buffers`` or a registered one."""
+    own = getattr(module, "compute_buffers", None)
+    if callable(own):
+        return own
+    for klass in type(module).__mro__:
+        if klass in _BUFFER_INITS:
+            return lambda device, fn=_BUFFER_INITS[klass]: fn(module, device)
+    return None
 
 
 def shard_layout(module: nn.Module) -> list[LoaderShard] | None:
@@ -95,6 +125,7 @@ def loader_pieces(model: nn.Module) -> list[Piece]:
     Parameters without a layout get one whole piece from the planner, named as the
     parameter. O(modules + shards).
     """
+    _known_engines()
     pieces = []
     for mod_name, module in model.named_modules():
         for shard in shard_layout(module) or ():
@@ -103,3 +134,9 @@ def loader_pieces(model: nn.Module) -> list[Piece]:
             pieces.append(Piece(piece_name(full, shard.shard_id, shard.expert), full,
                                 shard.region, shard_tag, shard.expert, shard.optional))
     return pieces
+
+
+def _known_engines() -> None:
+    """Register the layouts of engines already imported (never import one)."""
+    if "vllm" in sys.modules and importlib.util.find_spec("vllm.model_executor") is not None:
+        from . import vllm_layouts  # noqa: F401
