@@ -201,15 +201,16 @@ def test_fp8_logits_sqnr_against_from_pretrained(checkpoints, family):
     assert sqnr_db(_logits(ckpt.reference(), family), _logits(model, family)) >= 25.0
 
 
+@pytest.mark.parametrize("quant", ["fp8", "fp8-channel", "fp8-block"])
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
-def test_trainer_push_equals_fresh_fp8_load(checkpoints, family):
+def test_trainer_push_equals_fresh_fp8_load(checkpoints, family, quant):
     """WeightSync(model) of a trainer's parameters: bit-identical to a fresh FP8 load of
     them, and no live tensor moved."""
     ckpt = checkpoints(family)
-    model, _ = loadfsm.hf.from_pretrained(ckpt.path, quant="fp8", device="cpu")
+    model, _ = loadfsm.hf.from_pretrained(ckpt.path, quant=quant, device="cpu")
     before = _addresses(model)
     loadfsm.WeightSync(model).push(_trainer_tensors(ckpt.trainer))
-    fresh, _ = loadfsm.hf.from_pretrained(ckpt.trainer_path, quant="fp8", device="cpu")
+    fresh, _ = loadfsm.hf.from_pretrained(ckpt.trainer_path, quant=quant, device="cpu")
     _assert_same_tensors(model.state_dict(), fresh.state_dict())
     assert _addresses(model) == before
     assert torch.equal(_logits(model, family), _logits(fresh, family))

@@ -2,7 +2,6 @@
 installed its modules, whatever the new session was told."""
 
 import pytest
-import torch
 from torch import nn
 
 pytest.importorskip("transformers")
