@@ -15,6 +15,7 @@ from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVPar
 from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
 
 from ..pieces import rows
+from . import vllm_fp8  # noqa: F401  (vLLM's FP8 layouts register with the handler)
 from .engine_shards import LoaderShard, register_buffer_init, register_shard_layout
 
 # vLLM's per-layer attention scales: 1.0 unless an FP8-KV checkpoint carries them.
