@@ -1,4 +1,4 @@
-"""The ``loadfsm`` command: demo, load, trace, bench."""
+"""The ``loadfsm`` command: demo, load, trace, plan, bench."""
 
 from __future__ import annotations
 
@@ -35,7 +35,20 @@ def _trace(args) -> int:
     from .trace_summary import format_summary, summarize, summary_dict
     summary = summarize(args.file, top=args.top)
     print(json.dumps(summary_dict(summary)) if args.json else format_summary(summary))
-    return 0 if not summary.not_finalized else 1
+    if args.perfetto:
+        from .trace_export import write_perfetto
+        write_perfetto(args.file, args.perfetto)
+    if args.plot:
+        from .trace_plot import write_plot
+        write_plot(args.file, args.plot)
+    return 0 if summary.ok else 1
+
+
+def _plan(args) -> int:
+    from .plan_cli import format_plan, plan_checkpoint
+    plan = plan_checkpoint(args.path, model=args.model, hf=args.hf, quant=_quant(args.quant))
+    print(json.dumps(plan.to_dict()) if args.json else format_plan(plan, top=args.top))
+    return 0 if not (plan.missing or plan.unexpected) else 1
 
 
 def _quant(name: str) -> str | None:
@@ -69,7 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("file")
     tr.add_argument("--top", type=int, default=5, help="how many slowest layers to show")
     tr.add_argument("--json", action="store_true")
+    tr.add_argument("--perfetto", metavar="OUT.json", default=None,
+                    help="also write a Chrome/Perfetto trace-event file (ui.perfetto.dev)")
+    tr.add_argument("--plot", metavar="OUT.png", default=None,
+                    help="also draw memory and layer lifecycles (needs loadfsm[plot])")
     tr.set_defaults(func=_trace)
+
+    pl = sub.add_parser("plan", help="dry run from the checkpoint's headers: no data read")
+    pl.add_argument("path", help="safetensors file or directory")
+    which = pl.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="reference model name, e.g. tiny")
+    which.add_argument("--hf", action="store_true", help="a transformers checkpoint "
+                       "directory (its config.json picks the model)")
+    pl.add_argument("--quant", default="fp8")
+    pl.add_argument("--top", type=int, default=10, help="how many layers the table shows")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=_plan)
 
     sub.add_parser("bench", help="benchmark loadfsm against the baselines "
                                  "(loadfsm bench --help)")

@@ -1,4 +1,9 @@
-"""Read a JSONL trace back and say what happened: the ``loadfsm trace`` command."""
+"""Read a JSONL trace back and say what happened: the ``loadfsm trace`` command.
+
+A trace ends well when its last layer transition is followed by ``load_complete`` or
+``push_complete``; a ``load_failed`` / ``push_failed`` event, or a trace that stops
+after a transition (a process that crashed), makes ``failed`` true.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,23 @@ class TraceSummary:
     tied: dict[str, str] = field(default_factory=dict)
     in_flight_warnings: list[dict] = field(default_factory=list)
     totals: dict = field(default_factory=dict)
+    failures: list[dict] = field(default_factory=list)      # load_failed / push_failed events
+    rolled_back: list[str] = field(default_factory=list)    # layers a push rolled back
+    pushes: int = 0                                          # push_complete events
+    ended: bool = False          # a complete or failed event follows the last transition
+
+    @property
+    def failed(self) -> bool:
+        """The load or a push failed, or the trace stops short (a crashed process)."""
+        return bool(self.failures) or not self.ended
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.not_finalized
+
+
+_ENDS = ("load_complete", "push_complete", "load_failed", "push_failed")
+_FAILURE = ("error", "message", "tensor", "file", "layer", "committed", "t")
 
 
 def summarize(path: str | Path, top: int = 5) -> TraceSummary:
@@ -33,7 +55,12 @@ def summarize(path: str | Path, top: int = 5) -> TraceSummary:
             continue
         event = json.loads(line)
         kind = event.get("event")
+        if kind in _ENDS:
+            summary.ended = True
         if kind == "layer_transition":
+            summary.ended = False
+            if event["trigger"] == "rollback":
+                summary.rolled_back.append(event["layer"])
             layer = event["layer"]
             first_t.setdefault(layer, event["t"])
             last[layer] = event["dst"]
@@ -47,6 +74,10 @@ def summarize(path: str | Path, top: int = 5) -> TraceSummary:
             summary.tied[event["alias"]] = event["canonical"]
         elif kind == "layers_in_flight":
             summary.in_flight_warnings.append(event)
+        elif kind in ("load_failed", "push_failed"):
+            summary.failures.append({"event": kind, **{k: event.get(k) for k in _FAILURE}})
+        elif kind == "push_complete":
+            summary.pushes += 1
         elif kind == "load_complete":
             summary.missing = event.get("missing", {})
             summary.unexpected = event.get("unexpected", [])
@@ -65,6 +96,21 @@ def summarize(path: str | Path, top: int = 5) -> TraceSummary:
 def format_summary(s: TraceSummary) -> str:
     lines = ["layers by final state: " +
              ", ".join(f"{k}={v}" for k, v in sorted(s.final_states.items()))]
+    for f in s.failures:
+        where = ", ".join(f"{k}={f[k]}" for k in ("tensor", "file", "layer")
+                          if f.get(k) and str(f[k]) not in f["message"])
+        lines.append(f"FAILED ({f['event']}): {f['error']}: {f['message']}"
+                     + (f" [{where}]" if where else ""))
+        if f.get("committed") is not None:
+            lines.append(f"  committed before the failure: {len(f['committed'])} layer(s)"
+                         + (f": {', '.join(f['committed'])}" if f["committed"] else ""))
+    if s.rolled_back:
+        lines.append(f"rolled back (old weights kept): {', '.join(s.rolled_back)}")
+    if not s.ended:
+        lines.append("FAILED: the trace stops after a layer transition, with no "
+                     "load_complete or push_complete (the process died or the trace is cut)")
+    if s.pushes:
+        lines.append(f"pushes completed: {s.pushes}")
     if s.totals:
         t = s.totals
         lines.append(f"load: {t['seconds']:.3f} s on {t['device']} quant={t['quant']} "
@@ -94,7 +140,7 @@ def format_summary(s: TraceSummary) -> str:
 
 
 def summary_dict(s: TraceSummary) -> dict:
-    return asdict(s)
+    return {**asdict(s), "failed": s.failed, "ok": s.ok}
 
 
 def _mb(n) -> str:

@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 
 import loadfsm
 from loadfsm.cli import main as cli_main
@@ -131,3 +132,117 @@ def test_json_output_carries_the_same_facts(troubled_trace, capsys):
     assert summary["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
     assert summary["padded"] == {"model.embed_tokens": ["model.embed_tokens.weight"]}
     assert len(summary["in_flight_warnings"]) == 1
+
+
+# -- failures (issue 15): a failed or cut-off load or push exits 1 ------------------------
+SMALL = replace(CONFIGS["tiny"], vocab_size=256, hidden_size=64, intermediate_size=128,
+                num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=16)
+NAN_TENSOR = "model.layers.1.self_attn.o_proj.weight"
+
+
+def _run_trace(path, *extra):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli_main(["trace", str(path), *extra])
+    return code, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def failed_load_trace(tmp_path_factory):
+    """A load that raised at a NaN weight: its trace ends with ``load_failed``."""
+    state = reference_state_dict(SMALL)
+    state[NAN_TENSOR] = torch.full_like(state[NAN_TENSOR], float("nan"))
+    path = tmp_path_factory.mktemp("trace") / "failed.jsonl"
+    with pytest.raises(loadfsm.NonFiniteWeightError):
+        loadfsm.load(build_model(SMALL), state.items(), quant="fp8", device="cpu", trace=path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def push_traces(tmp_path_factory):
+    """(good push, failed push) traces: the second push lacks one of qkv_proj's pieces."""
+    model = build_model(SMALL)
+    loadfsm.load(model, reference_state_dict(SMALL).items(), quant="fp8", device="cpu")
+    root = tmp_path_factory.mktemp("push")
+    state = reference_state_dict(SMALL, 1)
+    sync = loadfsm.WeightSync(model, trace=root / "good.jsonl")
+    sync.push(state.items())
+    sync.close()
+    sync = loadfsm.WeightSync(model, trace=root / "bad.jsonl")
+    with pytest.raises(loadfsm.PushError):
+        sync.push((k, v) for k, v in state.items()
+                  if k != "model.layers.1.self_attn.k_proj.weight")
+    sync.close()
+    return root / "good.jsonl", root / "bad.jsonl"
+
+
+def test_failed_load_exits_1_and_names_the_error(failed_load_trace):
+    """A trace ending in load_failed: exit 1, the error class, tensor and layer named."""
+    code, text = _run_trace(failed_load_trace)
+    assert code == 1
+    line = next(line for line in text.splitlines() if line.startswith("FAILED (load_failed)"))
+    assert "NonFiniteWeightError" in line and NAN_TENSOR in line
+    assert "layer='model.layers.1.self_attn.o_proj'" in line
+
+
+def test_failed_load_json_carries_the_failure(failed_load_trace):
+    """--json: failed is true and the failure event's fields are kept."""
+    code, text = _run_trace(failed_load_trace, "--json")
+    summary = json.loads(text)
+    assert code == 1 and summary["failed"] is True and summary["ok"] is False
+    (failure,) = summary["failures"]
+    assert failure["event"] == "load_failed" and failure["tensor"] == NAN_TENSOR
+
+
+def test_failed_push_lists_rollbacks_and_commits(push_traces):
+    """A push that rolled back: exit 1, the rolled-back layer and the committed count."""
+    code, text = _run_trace(push_traces[1])
+    assert code == 1
+    assert any(line.startswith("FAILED (push_failed): PushError") for line in text.splitlines())
+    rolled = next(line for line in text.splitlines() if line.startswith("rolled back"))
+    assert "model.layers.1.self_attn.qkv_proj" in rolled
+    assert "committed before the failure:" in text
+
+
+def test_good_push_exits_0(push_traces):
+    """A push that completed: exit 0, counted, nothing failed."""
+    code, text = _run_trace(push_traces[0])
+    assert code == 0 and "pushes completed: 1" in text and "FAILED" not in text
+
+
+def _lines(tmp_path, events):
+    path = tmp_path / "hand.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    return path
+
+
+def _move(layer, src, dst, trigger, t):
+    return {"event": "layer_transition", "layer": layer, "src": src, "dst": dst,
+            "trigger": trigger, "bytes": 8, "t": t}
+
+
+def test_truncated_trace_exits_1(tmp_path):
+    """A trace that stops after a transition (a crashed process) fails, even if every
+    layer it names reached FINALIZED."""
+    path = _lines(tmp_path, [_move("a", "META", "PARTIAL", "arrive", 0.1),
+                             _move("a", "PARTIAL", "COMPLETE", "complete", 0.2),
+                             _move("a", "COMPLETE", "QUANTIZED", "quantize", 0.3),
+                             _move("a", "QUANTIZED", "FINALIZED", "finalize", 0.4)])
+    code, text = _run_trace(path)
+    assert code == 1 and "no load_complete or push_complete" in text
+    assert json.loads(_run_trace(path, "--json")[1])["ended"] is False
+
+
+def test_hand_written_push_failure_exits_1(tmp_path):
+    """push_failed with its committed list, after a rollback transition: exit 1."""
+    path = _lines(tmp_path, [
+        _move("a", "FINALIZED", "META", "reload", 0.1),
+        _move("b", "FINALIZED", "META", "reload", 0.2),
+        _move("a", "META", "FINALIZED", "rollback", 0.3),
+        {"event": "push_failed", "error": "PushError", "message": "boom", "tensor": "a.w",
+         "file": None, "layer": "a", "committed": ["b"], "t": 0.4}])
+    code, text = _run_trace(path)
+    assert code == 1
+    assert "FAILED (push_failed): PushError: boom [tensor=a.w, layer=a]" in text
+    assert "committed before the failure: 1 layer(s): b" in text
+    assert "rolled back (old weights kept): a" in text
