@@ -98,3 +98,18 @@ def test_push_with_reloads_in_place(kind, ckpts, dist, reference):
     assert {n: t.data_ptr() for n, t in ours.items()} == ptrs
     for name, tensor in state(fresh).items():
         assert torch.equal(ours[name], tensor), name
+
+
+def test_loadfsm_never_imports_vllm():
+    """vLLM installed but not imported: an engine-hook load leaves it unimported."""
+    import subprocess
+    import sys
+    code = ("import sys, torch, loadfsm\n"
+            "from torch import nn\n"
+            "with torch.device('meta'):\n"
+            "    m = nn.Linear(4, 4, bias=False)\n"
+            "m.weight.weight_loader = lambda p, w: p.data.copy_(w)\n"
+            "with loadfsm.LoadSession(m, quant='fp8', device='cpu'):\n"
+            "    m.weight.weight_loader(m.weight, torch.ones(4, 4))\n"
+            "assert 'vllm' not in sys.modules, 'vllm imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
