@@ -4,6 +4,8 @@ from dataclasses import replace
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 from torch import nn
 
@@ -347,3 +349,41 @@ def test_shard_left_partly_unwritten_raises():
         with loadfsm.LoadSession(model, device="cpu"):
             param.weight_loader(param, torch.ones(64, 64, dtype=torch.bfloat16), "q")
     assert (err.value.param, err.value.shard) == ("qkv_proj.weight", "q")
+
+
+_ROW_WRITES = {
+    "narrow": lambda p, w, r: p.data.narrow(0, r, 1).copy_(w[r:r + 1]),
+    "index_copy_": lambda p, w, r: p.data.index_copy_(0, torch.tensor([r]), w[r:r + 1]),
+    "advanced": lambda p, w, r: p.data.__setitem__(torch.tensor([r]), w[r:r + 1]),
+    "transposed": lambda p, w, r: p.data.t()[:, r].copy_(w[r]),
+    "masked_scatter_": lambda p, w, r: p.data.masked_scatter_(
+        torch.arange(8)[:, None].expand(8, 4) == r, w[r]),
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(sorted(_ROW_WRITES)), st.integers(0, 7)),
+                min_size=1, max_size=10))
+def test_any_mix_of_row_writes_is_accepted_iff_every_row_is_written(writes):
+    """Random row writes by random methods: all 8 rows written loads them exactly (or as
+    one gapless box, zero-pads the rest); any gap inside is refused naming it."""
+    def write(param, w):
+        for method, r in writes:
+            _ROW_WRITES[method](param, w, r)
+
+    with torch.device("meta"):
+        model = PartialWriteModel(write)
+    param = model.weight
+    w = torch.arange(1, 33, dtype=torch.bfloat16).reshape(8, 4)
+    rows = {r for _, r in writes}
+    lo, hi = min(rows), max(rows)
+    if rows != set(range(lo, hi + 1)):
+        with pytest.raises(loadfsm.ShardWriteError, match="unwritten"):
+            with loadfsm.LoadSession(model, device="cpu"):
+                param.weight_loader(param, w)
+        return
+    with loadfsm.LoadSession(model, device="cpu"):
+        param.weight_loader(param, w)
+    expect = torch.zeros_like(w)
+    expect[lo:hi + 1] = w[lo:hi + 1]
+    assert torch.equal(model.weight, expect)
