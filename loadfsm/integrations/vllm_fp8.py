@@ -22,7 +22,9 @@ Block scales (``weight_scale_inv``) are not produced: ``fp8-block`` is refused.
 A quantized linear computes through ``DequantFp8Apply`` (``x @ (q * scale)``, reading
 the layout above), since vLLM's own FP8 GEMMs are CUDA kernels. vLLM's
 ``process_weights_after_loading`` skips it (not a ``QuantizeMethodBase``), so it never
-re-processes loadfsm's tensors.
+re-processes loadfsm's tensors. Routed experts keep vLLM's ``quant_method``: running them
+needs vLLM's FP8 MoE kernel set up over these tensors (``_Fp8OnlineMoEBase._setup_kernel``,
+CUDA), which this module does not do.
 """
 
 from __future__ import annotations

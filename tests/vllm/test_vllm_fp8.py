@@ -70,17 +70,22 @@ def test_every_linear_and_expert_is_fp8_in_vllm_layout(kind, ckpts, dist, refere
             assert torch.equal(tensor, theirs[name]), name
 
 
-def test_fp8_parameters_keep_vllm_class_and_loader(ckpts, dist):
-    """FP8 weights are vLLM's parameter class with the very same loader object, as vLLM's
-    own replace_parameter leaves them."""
-    model, config = models.build(ckpts["llama"][0], "meta")
-    qkv = model.model.layers[0].self_attn.qkv_proj
-    cls, loader = type(qkv.weight), vars(qkv.weight)["_weight_loader"]
+@pytest.mark.parametrize("kind", ["llama", "qwen3_moe"])
+def test_fp8_parameters_keep_vllm_class_and_loader(kind, ckpts, dist):
+    """Every parameter, FP8 weights included, is vLLM's parameter class with the very same
+    loader object, as vLLM's own replace_parameter leaves them."""
+    model, config = models.build(ckpts[kind][0], "meta")
+    before = {n: (type(p), vars(p).get("_weight_loader", vars(p).get("weight_loader")))
+              for n, p in model.named_parameters()}
     with models.current(config):
         with loadfsm.LoadSession(model, quant="fp8", device="cpu"):
-            model.load_weights(weights(ckpts["llama"][0]))
-    assert type(qkv.weight) is cls and vars(qkv.weight)["_weight_loader"] is loader
-    assert qkv.weight.dtype == FP8
+            model.load_weights(weights(ckpts[kind][0]))
+    after = dict(model.named_parameters())
+    for name, (cls, loader) in before.items():
+        p = after[name]
+        assert type(p) is cls, name
+        assert vars(p).get("_weight_loader", vars(p).get("weight_loader")) is loader, name
+    assert model.model.layers[0].self_attn.qkv_proj.weight.dtype == FP8
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3_moe"])
