@@ -10,7 +10,11 @@ A module declares its layout with a method ``loader_shards(self) -> Iterable[Loa
 for engine classes you cannot edit, register a function with ``register_shard_layout``.
 Regions are in the module's own (tensor-parallel local) shapes. Parameters with no
 declared layout expect one call without a shard id (the region it writes is read
-from the write itself: see ``writes``).
+from the write itself: see ``writes``). Non-persistent buffers a ``meta``-built engine
+module never computed (a rotary cache) are computed at the end of the load by its
+``compute_buffers(device)`` or a function registered with ``register_buffer_init``.
+The layouts of vLLM's classes (``vllm_layouts``) register themselves the first time
+pieces are planned in a process that has imported vLLM.
 """
 
 from __future__ import annotations
