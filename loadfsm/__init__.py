@@ -12,6 +12,8 @@ from .errors import (ConcurrentPushError, CorruptCheckpointError, DtypeMismatchE
                      DuplicateWeightError, IllegalTransitionError, IncompleteLoadError,
                      LoadError, ModelStateError, NonFiniteWeightError, PushError,
                      ShapeMismatchError, UnexpectedWeightError)
+from .errors import (BadWeightItemError, CheckpointChangedError, TraceOverwritesInputError,
+                     UnsafeCheckpointPathError, UnsupportedDeviceError)
 from .integrations.engine import ShardWriteError, UnknownShardError
 from .quant.config import Fp8Config
 from .report import LoadReport
@@ -26,3 +28,5 @@ __all__ = [
     "NonFiniteWeightError", "IncompleteLoadError", "PushError", "WeightSync", "SyncReport",
     "UnknownShardError", "ShardWriteError", "ConcurrentPushError", "ModelStateError",
 ]
+__all__ += ["UnsafeCheckpointPathError", "CheckpointChangedError", "TraceOverwritesInputError",
+            "BadWeightItemError", "UnsupportedDeviceError"]

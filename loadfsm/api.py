@@ -8,10 +8,13 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .errors import UnsupportedDeviceError
 from .plan import TensorEntry, expected_shape
 from .report import LoadReport
-from .session import LoadSession
+from .session import LoadSession, default_device
+from .watchdog import Watchdog
 from .sources.base import IteratorSource
+from .sources.checkpoint_files import refuse_overwrite
 from .sources.dummy import DummySource
 from .sources.safetensors_dir import SafetensorsSource
 
@@ -20,7 +23,8 @@ LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
 def load(model: nn.Module, source: str | Path | Iterable | None, *, quant=None,
          device=None, load_format: str = "auto", seed: int = 0, trace=None,
-         strict: bool = True, max_in_flight: int = 2, progress: bool = False) -> LoadReport:
+         strict: bool = True, max_in_flight: int = 2, progress: bool = False,
+         watchdog: float | None = None) -> LoadReport:
     """Load weights into ``model`` layer by layer, quantizing each as it completes.
 
     Args:
@@ -42,6 +46,9 @@ def load(model: nn.Module, source: str | Path | Iterable | None, *, quant=None,
             pieces; ``report.layer_states`` says which.
         max_in_flight: warn once when more layers than this are partially loaded.
         progress: show a progress bar (tqdm) over layers.
+        watchdog: seconds without an arrival before a ``load_stalled`` warning naming the
+            layers in flight and the pieces each waits for (``loadfsm.watchdog``); off
+            when ``None``.
 
     Returns:
         A ``LoadReport``.
@@ -51,14 +58,19 @@ def load(model: nn.Module, source: str | Path | Iterable | None, *, quant=None,
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
+    if device is not None and torch.device(device).type == "meta":
+        raise UnsupportedDeviceError("cannot load weights onto the meta device; build the "
+                                     "model on meta and load onto cpu or cuda")
+    checkpoint = _checkpoint(source, load_format, device, trace)
     bar = None
     session = LoadSession(model, quant=quant, device=device, trace=trace, strict=strict,
                           max_in_flight=max_in_flight,
                           on_layer_done=(lambda rec: bar.update()) if progress else None)
     bar = _progress_bar(progress, len(session.plan.layers))
-    src = _open_source(session, source, load_format, seed)
+    src = checkpoint or _open_source(session, source, load_format, seed)
     try:
-        return run(session, src)
+        with Watchdog(session, watchdog, "load"):
+            return run(session, src)
     finally:
         src.close()
         if bar is not None:
@@ -79,13 +91,22 @@ def run(session: LoadSession, source) -> LoadReport:
         raise
 
 
+def _checkpoint(source, load_format: str, device, trace) -> SafetensorsSource | None:
+    """The checkpoint source of a path, its files resolved before the trace file is opened
+    (so a trace naming one of them is refused, not truncated)."""
+    if load_format == "dummy" or not isinstance(source, (str, Path)):
+        return None
+    checkpoint = SafetensorsSource(source, device=device if device is not None
+                                   else default_device())
+    refuse_overwrite(trace, checkpoint.inputs())
+    return checkpoint
+
+
 def _open_source(session: LoadSession, source, load_format: str, seed: int):
     if load_format == "dummy" or (load_format == "auto" and source is None):
         if source is not None:
             raise ValueError("load_format='dummy' takes no source")
         return DummySource(planned_entries(session), device=session.device, seed=seed)
-    if isinstance(source, (str, Path)):
-        return SafetensorsSource(source, device=session.device)
     if source is None:
         raise ValueError("source is None; pass a checkpoint path or load_format='dummy'")
     return IteratorSource(source)

@@ -95,3 +95,23 @@ class ConcurrentPushError(PushError):
 
 class ModelStateError(LoadError):
     """The model cannot take this load as it is (loaded before with another scheme)."""
+
+
+class UnsafeCheckpointPathError(CorruptCheckpointError):
+    """A checkpoint names a file outside its directory, or one that is not a regular file."""
+
+
+class CheckpointChangedError(CorruptCheckpointError):
+    """A checkpoint file was truncated or rewritten by another writer during the load."""
+
+
+class TraceOverwritesInputError(LoadError):
+    """The trace path is a file the load reads; nothing was opened for writing."""
+
+
+class BadWeightItemError(LoadError):
+    """An iterable of weights yielded something other than a ``(str, Tensor)`` pair."""
+
+
+class UnsupportedDeviceError(LoadError):
+    """The target device cannot hold loaded weights (``meta``)."""

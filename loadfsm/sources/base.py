@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Protocol
+from typing import Iterable, Iterator, Mapping, Protocol
 
 import torch
 
+from ..errors import BadWeightItemError
 from ..plan import TensorEntry
 
 
@@ -32,7 +33,14 @@ class IteratorSource:
     """A user's iterable of ``(name, tensor)``; order unknown, nothing to plan with."""
 
     def __init__(self, weights):
-        self._weights = weights
+        if isinstance(weights, Mapping):
+            raise BadWeightItemError(f"weights is a {type(weights).__name__}; pass "
+                                     f"its .items() to load (name, tensor) pairs")
+        try:
+            self._weights = iter(weights)
+        except TypeError:
+            raise BadWeightItemError(f"weights must be an iterable of (name, tensor) pairs, "
+                                     f"got {type(weights).__name__}") from None
 
     def entries(self) -> None:
         return None
@@ -41,10 +49,29 @@ class IteratorSource:
         return {}
 
     def read(self, order=None) -> Iterator[tuple[str, torch.Tensor]]:
-        yield from self._weights
+        for position, item in enumerate(self._weights):
+            yield _checked(position, item)
 
     def close(self) -> None:
         """Nothing to release: the iterable belongs to the caller."""
 
     def file_of(self, name: str) -> None:
         return None
+
+
+def _checked(position: int, item) -> tuple[str, torch.Tensor]:
+    """``item`` if it is a ``(str, Tensor)`` pair; a typed error naming what it is else."""
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise BadWeightItemError(f"item {position} of the weights is a "
+                                 f"{type(item).__name__}, not a (name, tensor) pair")
+    name, tensor = item
+    if not isinstance(name, str):
+        raise BadWeightItemError(f"item {position} of the weights has a name of type "
+                                 f"{type(name).__name__}, not str")
+    if not isinstance(tensor, torch.Tensor):
+        raise BadWeightItemError(f"the value is a {type(tensor).__name__}, not a torch.Tensor",
+                                 tensor=name)
+    if tensor.is_meta:
+        raise BadWeightItemError("the tensor is on the meta device: it holds no data",
+                                 tensor=name)
+    return name, tensor

@@ -1,6 +1,6 @@
 """Pinned staging for host-to-device reads: a ring of page-locked buffers.
 
-A tensor read from the page cache into pinned memory is copied to the GPU
+A tensor read from the page cache straight into pinned memory is copied to the GPU
 asynchronously (about 55 GB/s on an H200 against 6.7 GB/s from pageable memory),
 while the CPU fills the next buffer. Each buffer is reused only after the copy
 that read it has finished (a CUDA event per buffer).
@@ -22,17 +22,14 @@ class PinnedRing:
         self._device = device
         self._next = 0
 
-    def stage(self, src: torch.Tensor) -> torch.Tensor:
-        """Copy host tensor ``src`` into the next free buffer; returns a view shaped like it."""
+    def take(self, nbytes: int) -> torch.Tensor:
+        """The first ``nbytes`` of the next buffer, once the copies reading it finished."""
         slot = self._next
         self._next = (slot + 1) % len(self._buffers)
         if self._events[slot] is not None:
             self._events[slot].synchronize()
-        flat = src.reshape(-1).view(torch.uint8)
-        buffer = self._buffers[slot][: flat.numel()]
-        buffer.copy_(flat)
         self._last = slot
-        return buffer.view(src.dtype).view(src.shape)
+        return self._buffers[slot][:nbytes]
 
     def release(self) -> None:
         """Mark the last staged buffer in use by copies enqueued so far on the device."""

@@ -2,21 +2,24 @@
 
 ``safetensors_weights(path)`` yields every checkpoint tensor as a ``LazySlice``:
 ``narrow`` only narrows what will be read, and the first torch op that needs the data
-(an engine loader's ``copy_``) reads just that region from the file with safetensors
-``get_slice``. Engine loaders written for tensors (``loaded_weight.narrow(...)``,
-``param.data.copy_(loaded_weight)``, ``loaded_weight.shape``) work unchanged, and each
-rank reads only its shard.
+(an engine loader's ``copy_``) reads just that region from the file with ``pread``
+(no memory map, see ``shard_file``). Engine loaders written for tensors
+(``loaded_weight.narrow(...)``, ``param.data.copy_(loaded_weight)``, ``loaded_weight.shape``)
+work unchanged, and each rank reads only its shard.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
 
 from .safetensors_dir import SafetensorsSource
+
+MAX_BLOCKS = 4096   # beyond this many contiguous runs, read whole rows and index them
 
 
 class LazySlice:
@@ -84,8 +87,8 @@ class SafetensorsWeights:
     """
 
     def __init__(self, path: str | Path):
-        self._entries = SafetensorsSource(path).entries()   # headers only, validated
-        self._handles: dict[str, object] = {}
+        self._source = SafetensorsSource(path)
+        self._entries = self._source.entries()   # headers only, validated
         self.bytes_read = 0
 
     def __iter__(self) -> Iterator[tuple[str, LazySlice]]:
@@ -94,13 +97,45 @@ class SafetensorsWeights:
                                   entry.dtype)
 
     def read(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
-        file = self._entries[name].file
-        handle = self._handles.get(file)
-        if handle is None:
-            handle = self._handles[file] = safe_open(file, framework="pt", device="cpu")
-        tensor = handle.get_slice(name)[index] if index else handle.get_tensor(name)
+        entry = self._entries[name]
+        shape = entry.shape
+        if all(s.start == 0 and s.stop == n for s, n in zip(index, shape)):
+            tensor = self._source.read_tensor(name)
+        else:
+            tensor = self._read_region(name, index)
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
+
+    def _read_region(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
+        """The region as contiguous runs: one per index of the dims before the last
+        narrowed one (whole leading rows past ``MAX_BLOCKS`` runs)."""
+        entry = self._entries[name]
+        shape, itemsize = entry.shape, entry.dtype.itemsize
+        last = max(d for d, (s, n) in enumerate(zip(index, shape)) if (s.start, s.stop) != (0, n))
+        outer = [range(s.start, s.stop) for s in index[:last]]
+        if math.prod(len(r) for r in outer) > MAX_BLOCKS:
+            rows = self._read_rows(name, index[0])
+            return rows[(slice(None), *index[1:])].contiguous()
+        inner = math.prod(shape[last + 1:])
+        run = (index[last].stop - index[last].start) * inner
+        strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+        out = torch.empty(math.prod(s.stop - s.start for s in index) * itemsize,
+                          dtype=torch.uint8)
+        shard = self._source.shard(name)
+        base = shard.tensors[name].start
+        for i, at in enumerate(itertools.product(*outer)):
+            first = sum(a * strides[d] for d, a in enumerate(at)) + index[last].start * inner
+            shard.read_range(name, base + first * itemsize,
+                             out[i * run * itemsize:(i + 1) * run * itemsize])
+        return out.view(entry.dtype).view(tuple(s.stop - s.start for s in index))
+
+    def _read_rows(self, name: str, rows: slice) -> torch.Tensor:
+        entry = self._entries[name]
+        shard = self._source.shard(name)
+        row_bytes = math.prod(entry.shape[1:]) * entry.dtype.itemsize
+        out = torch.empty((rows.stop - rows.start) * row_bytes, dtype=torch.uint8)
+        shard.read_range(name, shard.tensors[name].start + rows.start * row_bytes, out)
+        return out.view(entry.dtype).view(rows.stop - rows.start, *entry.shape[1:])
 
 
 def safetensors_weights(path: str | Path) -> SafetensorsWeights:
