@@ -38,9 +38,11 @@ def _trace(args) -> int:
     if args.perfetto:
         from .trace_export import write_perfetto
         write_perfetto(args.file, args.perfetto)
+        print(f"wrote {args.perfetto}: open it at https://ui.perfetto.dev", file=sys.stderr)
     if args.plot:
         from .trace_plot import write_plot
         write_plot(args.file, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0 if summary.ok else 1
 
 

@@ -36,6 +36,7 @@ from .layer import LayerRecord
 from .ledger import MemoryLedger, nbytes
 from .pieces import Piece
 from .plan import TensorEntry, check_fits, plan_layers
+from .profiling import layer_range
 from .handlers.fp8 import quant_name
 from .handlers.kernels import installers
 from .integrations.engine_shards import buffer_init, loader_pieces, uses_weight_loaders
@@ -125,6 +126,7 @@ class LoadSession:
         self._tied_used: dict[str, str] = {}
         self._absent: dict[str, list[str]] = {}      # layer -> names the checkpoint lacks
         self._bytes_read = 0
+        self.arrivals = 0             # pieces arrived; the watchdog polls it
         self._largest = 0
         self._largest_output = 0
         self._peak_in_flight = 0
@@ -301,6 +303,7 @@ class LoadSession:
         del written
         rec.missing.difference_update(names)
         self._bytes_read += nbytes_in
+        self.arrivals += 1
         self._transition(rec, src, dst, "arrive", **extra)
         if not rec.missing:
             self._complete(rec, "complete")
@@ -367,7 +370,8 @@ class LoadSession:
     def _complete(self, rec: LayerRecord, trigger: str) -> None:
         src, dst = rec.fire(trigger)
         self._transition(rec, src, dst, trigger)
-        self.quantize(rec)
+        with layer_range(rec.name, "quantize"):
+            self.quantize(rec)
         self.held.append(rec)             # installed or committed once verified (L5)
         self._held_bytes += rec.final_bytes
         if not self.hold_all and self._held_bytes >= self.commit_bytes:
@@ -385,7 +389,8 @@ class LoadSession:
         held, self.held, self._held_bytes = self.held, [], 0
         try:
             for rec in held:
-                self.finalize(rec)
+                with layer_range(rec.name, "commit"):
+                    self.finalize(rec)
         finally:
             self.held = [rec for rec in held if rec.state is LayerState.QUANTIZED]
 
@@ -578,7 +583,9 @@ class LoadSession:
     def _transition(self, rec: LayerRecord, src, dst, trigger: str, **extra) -> None:
         if self.tracer.enabled:
             self.tracer.transition(rec.name, src.name, dst.name, trigger,
-                                   rec.staging_bytes + rec.final_bytes, **extra)
+                                   rec.staging_bytes + rec.final_bytes,
+                                   ledger_staging=self.ledger.staging,
+                                   ledger_final=self.ledger.final, **extra)
 
     # -- placing tensors into the model -------------------------------------------
     def place(self, rec: LayerRecord, attr: str, tensor: torch.Tensor) -> None:

@@ -62,8 +62,9 @@ def _memory(ax, tl: Timeline) -> None:
         if value is not None:
             ax.axhline(value / mb, ls=style, color="k", lw=1, label=label)
     ax.set_ylabel("MB")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.4)          # room for the legend above the lines
     ax.set_title("memory over time")
-    ax.legend(fontsize="small", loc="upper left")
+    ax.legend(fontsize="x-small", loc="upper left", ncol=3)
 
 
 def _committed(ax, tl: Timeline) -> None:

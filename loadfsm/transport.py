@@ -28,8 +28,10 @@ import torch.distributed as dist
 
 from .errors import LoadError, PushError
 from .sync import SyncReport, WeightSync
+from .watchdog import Watchdog
 
 DEFAULT_BUCKET_BYTES = 256 << 20
+STALL_WARNING_S = 60.0       # a bucket of 256 MB takes well under a second on any link
 _ALIGN = 64
 _END, _ABORT, _BUCKET = "end", "abort", "bucket"
 
@@ -123,10 +125,15 @@ class WeightReceiver:
         sync: the engine's ``WeightSync``.
         group: the process group (default: the world).
         src: global rank of the sender.
+        stall_warning_s: seconds without a tensor, once a push has begun, before a
+            ``push_stalled`` warning names the layers in flight and the pieces each
+            waits for (``loadfsm.watchdog``); ``None`` turns it off.
     """
 
-    def __init__(self, sync: WeightSync, group=None, src: int = 0):
+    def __init__(self, sync: WeightSync, group=None, src: int = 0,
+                 stall_warning_s: float | None = STALL_WARNING_S):
         self.sync, self.group, self.src = sync, group, src
+        self.stall_warning_s = stall_warning_s
 
     def receive(self) -> SyncReport:
         """Receive one push and apply it; returns the ``SyncReport``.
@@ -137,7 +144,8 @@ class WeightReceiver:
         """
         arrivals = self.arrivals()
         try:
-            return self.sync.push(arrivals)
+            with Watchdog(self.sync.session, self.stall_warning_s, "push"):
+                return self.sync.push(arrivals)
         except PushError:
             collections.deque(arrivals, maxlen=0)   # drain: stay in step with the sender
             raise

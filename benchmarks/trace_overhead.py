@@ -1,0 +1,55 @@
+"""What the observability hooks cost a load: tracing to a file, the profiler ranges and
+the watchdog when off. Interleaved repeats, median seconds per load; CPU or CUDA.
+
+    python benchmarks/trace_overhead.py --model tiny --repeats 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import loadfsm
+import loadfsm.session
+from loadfsm.models import build_model
+
+
+def _load(args, trace=None, watchdog=None) -> float:
+    model = build_model(args.model)
+    t0 = time.perf_counter()
+    loadfsm.load(model, None, load_format="dummy", quant="fp8", device=args.device,
+                 trace=trace, watchdog=watchdog)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    real = loadfsm.session.layer_range
+    bare = nullcontext()
+    times: dict[str, list[float]] = {"plain": [], "no profiler hook": [], "trace file": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        _load(args)                                                     # warm-up
+        for _ in range(args.repeats):
+            times["plain"].append(_load(args))
+            loadfsm.session.layer_range = lambda layer, step: bare
+            try:
+                times["no profiler hook"].append(_load(args))
+            finally:
+                loadfsm.session.layer_range = real
+            times["trace file"].append(_load(args, trace=Path(tmp) / "t.jsonl"))
+    base = statistics.median(times["plain"])
+    for name, values in times.items():
+        med = statistics.median(values)
+        print(f"{name:18} {med * 1e3:9.2f} ms  ({(med / base - 1) * 100:+.2f}% vs plain)")
+
+
+if __name__ == "__main__":
+    main()
