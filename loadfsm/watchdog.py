@@ -41,19 +41,20 @@ class Watchdog:
             raise ValueError(f"timeout must be >= 0 seconds, got {timeout}")
         self.session, self.timeout, self.what = session, timeout, what
         self.warnings = 0
-        self._stop = threading.Event()
+        self._stop: threading.Event | None = None
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "Watchdog":
         if self.timeout:
+            self._stop = threading.Event()
             self._thread = threading.Thread(target=self._watch, name=f"loadfsm-{self.what}"
                                             "-watchdog", daemon=True)
             self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
         if self._thread is not None:
+            self._stop.set()
             self._thread.join()
 
     def _watch(self) -> None:
