@@ -7,10 +7,11 @@ after a transition (a process that crashed), makes ``failed`` true.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .trace_timeline import ENDS, read_events
 
 
 @dataclass
@@ -40,7 +41,6 @@ class TraceSummary:
         return not self.failed and not self.not_finalized
 
 
-_ENDS = ("load_complete", "push_complete", "load_failed", "push_failed")
 _FAILURE = ("error", "message", "tensor", "file", "layer", "committed", "t")
 
 
@@ -50,12 +50,9 @@ def summarize(path: str | Path, top: int = 5) -> TraceSummary:
     first_t: dict[str, float] = {}
     done_t: dict[str, float] = {}
     summary = TraceSummary({}, [], {})
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        event = json.loads(line)
+    for event in read_events(path):
         kind = event.get("event")
-        if kind in _ENDS:
+        if kind in ENDS:
             summary.ended = True
         if kind == "layer_transition":
             summary.ended = False

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The events that end a load or a push; a trace whose last transition has none after it
+# was cut short.
 ENDS = ("load_complete", "push_complete", "load_failed", "push_failed")
 
 
@@ -32,7 +34,7 @@ class Span:
 class Timeline:
     spans: dict[str, list[Span]] = field(default_factory=dict)   # layer -> spans, in order
     memory: list[tuple[float, int, int]] = field(default_factory=list)  # (t, staging, final)
-    committed: list[tuple[float, int]] = field(default_factory=list)    # (t, bytes) per push commit
+    committed: list[tuple[float, int]] = field(default_factory=list)    # (t, bytes) of commits
     rollbacks: list[float] = field(default_factory=list)           # t of each rolled-back push
     end: float = 0.0
     totals: dict = field(default_factory=dict)                     # the load_complete event
