@@ -9,7 +9,6 @@ groups the pieces of one layer even when shards interleave them. Files come from
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -20,10 +19,9 @@ from ..errors import CorruptCheckpointError, DuplicateWeightError
 from ..plan import TensorEntry
 from .checkpoint_files import checkpoint_files
 from .pinned import PinnedRing
-from .shard_file import CHUNK_BYTES, ShardFile
+from .shard_file import MIN_CHUNK_BYTES, READ_THREADS, ShardFile
 
-PINNED_MAX_BYTES = 1 << 30   # larger tensors go through pageable memory
-READ_THREADS = min(8, os.cpu_count() or 1)
+PINNED_MAX_BYTES = 2 << 30   # larger tensors go through one reused pageable buffer
 
 
 class SafetensorsSource:
@@ -97,18 +95,26 @@ class SafetensorsSource:
         the read of the next."""
         largest = max((self._entries[n].nbytes for n in names), default=0)
         ring = PinnedRing(min(largest, PINNED_MAX_BYTES), self.device) if largest else None
+        spill = None   # a copy from pageable memory returns once it has read the source
         for name in names:
             entry = self._entries[name]
-            if ring is None or not entry.nbytes or entry.nbytes > ring.nbytes:
-                yield name, self.read_tensor(name)
+            if not entry.nbytes:
+                yield name, torch.empty(entry.shape, dtype=entry.dtype)
                 continue
-            buffer = ring.take(entry.nbytes)
+            pinned = entry.nbytes <= ring.nbytes
+            if pinned:
+                buffer = ring.take(entry.nbytes)
+            else:
+                if spill is None:
+                    spill = torch.empty(largest, dtype=torch.uint8)
+                buffer = spill[:entry.nbytes]
             self._open(entry.file).read_into(name, buffer, self._threads(entry.nbytes))
             yield name, buffer.view(entry.dtype).view(entry.shape)
-            ring.release()   # the consumer has enqueued its copy from the buffer by now
+            if pinned:
+                ring.release()   # the consumer has enqueued its copy from the buffer by now
 
     def _threads(self, nbytes: int) -> ThreadPoolExecutor | None:
-        if nbytes <= CHUNK_BYTES or READ_THREADS == 1:
+        if nbytes < 2 * MIN_CHUNK_BYTES or READ_THREADS == 1:
             return None
         if self._pool is None:
             self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="loadfsm-read")

@@ -27,7 +27,8 @@ from ..errors import CheckpointChangedError, CorruptCheckpointError
 from .checkpoint_files import open_regular
 
 MAX_HEADER_BYTES = 100_000_000   # the limit safetensors itself enforces
-CHUNK_BYTES = 16 << 20           # one thread's share of a large read
+READ_THREADS = min(16, os.cpu_count() or 1)   # 16 reach ~40 GB/s from the page cache (H200 host)
+MIN_CHUNK_BYTES = 1 << 20        # smaller reads are not worth a thread hand-off
 
 DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
@@ -75,7 +76,8 @@ class ShardFile:
         nbytes = out.numel()
         if nbytes:
             view = memoryview((ctypes.c_ubyte * nbytes).from_address(out.data_ptr())).cast("B")
-            chunks = [(view[i:i + CHUNK_BYTES], offset + i) for i in range(0, nbytes, CHUNK_BYTES)]
+            step = max(MIN_CHUNK_BYTES, -(-nbytes // READ_THREADS))   # one share per thread
+            chunks = [(view[i:i + step], offset + i) for i in range(0, nbytes, step)]
             if pool is None or len(chunks) == 1:
                 for chunk, at in chunks:
                     self._pread(name, chunk, at)
