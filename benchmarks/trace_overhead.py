@@ -1,7 +1,9 @@
-"""What the observability hooks cost a load: tracing to a file, the profiler ranges and
-the watchdog when off. Interleaved repeats, median seconds per load; CPU or CUDA.
+"""What the observability hooks cost a load: tracing to a file and the profiler ranges
+when no profiler runs. Interleaved repeats, median seconds per load; CPU or CUDA; from
+dummy weights, or (``--checkpoint DIR``, written first if absent) a safetensors file.
 
     python benchmarks/trace_overhead.py --model tiny --repeats 15
+    python benchmarks/trace_overhead.py --model llama-8b-4l --device cuda --checkpoint /tmp/c
 """
 
 from __future__ import annotations
@@ -15,14 +17,14 @@ from pathlib import Path
 
 import loadfsm
 import loadfsm.session
-from loadfsm.models import build_model
+from loadfsm.models import build_model, write_checkpoint
 
 
-def _load(args, trace=None, watchdog=None) -> float:
+def _load(args, trace=None) -> float:
     model = build_model(args.model)
     t0 = time.perf_counter()
-    loadfsm.load(model, None, load_format="dummy", quant="fp8", device=args.device,
-                 trace=trace, watchdog=watchdog)
+    loadfsm.load(model, args.checkpoint, load_format="auto" if args.checkpoint else "dummy",
+                 quant="fp8", device=args.device, trace=trace)
     return time.perf_counter() - t0
 
 
@@ -31,7 +33,10 @@ def main() -> None:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--checkpoint", type=Path, default=None)
     args = parser.parse_args()
+    if args.checkpoint is not None and not args.checkpoint.exists():
+        write_checkpoint(args.model, args.checkpoint)
     real = loadfsm.session.layer_range
     bare = nullcontext()
     times: dict[str, list[float]] = {"plain": [], "no profiler hook": [], "trace file": []}
