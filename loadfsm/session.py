@@ -297,7 +297,7 @@ class LoadSession:
         the last piece completes, quantizes and finalizes the layer."""
         src, dst = rec.fire("arrive")
         for view in written:
-            if view.is_floating_point():
+            if view.is_floating_point() and view.numel():   # an empty max|x| raises
                 # NaN/Inf check without a device sync: max|x| is NaN or Inf iff x holds one.
                 rec.norms.append((names, torch.linalg.vector_norm(view, ord=float("inf"))))
         del written
