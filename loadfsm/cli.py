@@ -20,7 +20,8 @@ def _load(args) -> int:
     from .models import build_model
     model = build_model(args.model)
     report = load(model, args.path, quant=_quant(args.quant), device=args.device,
-                  trace=args.trace, strict=not args.no_strict, progress=not args.json)
+                  trace=args.trace, strict=not args.no_strict, progress=not args.json,
+                  watchdog=args.watchdog)
     figures = report.to_dict()
     if args.json:
         print(json.dumps(figures))
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--trace", default=None, help="write a JSONL trace to this file")
     ld.add_argument("--json", action="store_true")
     ld.add_argument("--no-strict", action="store_true", help="report missing/unexpected")
+    ld.add_argument("--watchdog", type=float, default=None, metavar="SECONDS",
+                    help="warn when no tensor arrived for this long (off by default)")
     ld.set_defaults(func=_load)
 
     tr = sub.add_parser("trace", help="summarize a JSONL trace")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 # The events that end a load or a push; a trace whose last transition has none after it
 # was cut short.
@@ -86,9 +87,8 @@ def floor_bytes(tl: Timeline) -> int | None:
 
 
 def naive_peak_bytes(tl: Timeline) -> int | None:
-    """What loading the whole model at full precision, then quantizing it, holds: every
-    byte read plus the largest quantized layer (made before its input is freed)."""
+    """The demo's naive peak (``loadfsm.demo.naive_peak_bytes``) from ``load_complete``."""
     if not tl.totals or tl.totals.get("bytes_read") is None:
         return None
-    extra = (tl.totals.get("largest_output_bytes") or 0) if tl.totals.get("quant") else 0
-    return tl.totals["bytes_read"] + extra
+    from .demo import naive_peak_bytes as naive
+    return naive(SimpleNamespace(**tl.totals))

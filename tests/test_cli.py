@@ -37,3 +37,21 @@ def test_load_then_trace(tmp_path, capsys):
     assert main(["trace", str(trace)]) == 0
     out = capsys.readouterr().out
     assert f"FINALIZED={len(report['layer_states'])}" in out and "slowest layers" in out
+
+
+def test_load_watchdog_option_reaches_load(tmp_path, monkeypatch, capsys):
+    """`loadfsm load --watchdog S` passes S to `loadfsm.load`; off by default."""
+    import loadfsm.api
+    seen = []
+    real = loadfsm.api.load
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["watchdog"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loadfsm.api, "load", spy)
+    ckpt = write_checkpoint("tiny", tmp_path / "ckpt")
+    for extra in ([], ["--watchdog", "12.5"]):
+        assert main(["load", str(ckpt), "--model", "tiny", "--device", "cpu", "--json",
+                     *extra]) == 0
+    assert seen == [None, 12.5]
