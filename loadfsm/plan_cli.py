@@ -93,28 +93,10 @@ def _session(path, model, hf, quant, entries) -> tuple[LoadSession, dict]:
         from .models import build_model
         return LoadSession(build_model(model), quant=quant, device="meta",
                            strict=False), entries
-    import dataclasses
-
-    import torch
-    from transformers import AutoConfig
-
-    from .integrations.hf import ROUTERS, _config_dtype, _model_class
-    from .integrations.hf_experts import HfExpertsFp8Handler
-    from .integrations.hf_pieces import checkpoint_mapping
-    from .quant.config import resolve_quant
-    config = AutoConfig.from_pretrained(path)
-    cls = _model_class(config)
-    with torch.device("meta"):
-        built = (getattr(cls, "from_config", None) or cls._from_config)(
-            config, dtype=_config_dtype(config))
-    config_q = resolve_quant(quant)
-    if config_q is not None:
-        config_q = dataclasses.replace(config_q, exclude=("lm_head", *ROUTERS))
-    mapping = checkpoint_mapping(built, entries)
-    session = LoadSession(built, quant=config_q, device="meta", strict=False,
-                          pieces=mapping.pieces,
-                          handlers=() if config_q is None else (HfExpertsFp8Handler.name,))
-    return session, {n: e for n, e in entries.items() if n not in mapping.ignored}
+    from .integrations.hf import build_meta_model, hf_quant, plan_session
+    session, ignored = plan_session(build_meta_model(path), entries, hf_quant(quant),
+                                    device="meta", strict=False)
+    return session, {n: e for n, e in entries.items() if n not in ignored}
 
 
 def format_plan(plan: CheckpointPlan, top: int = 10) -> str:

@@ -72,32 +72,51 @@ def from_pretrained(path: str | Path, quant="fp8", device=None, exclude=("lm_hea
         ValueError: a conversion rule of this model type that changes values.
     """
     path = Path(path)
-    config = AutoConfig.from_pretrained(path)                                    # H1
-    dtype = dtype or _config_dtype(config)
-    cls = model_class or _model_class(config)
-    # Auto classes build through ``from_config``; a concrete class through the
-    # ``_from_config`` those call (it applies dtype and attention implementation).
-    build = getattr(cls, "from_config", None) or cls._from_config
-    with torch.device("meta"):
-        model = build(config, dtype=dtype)
+    model = build_meta_model(path, dtype=dtype, model_class=model_class)         # H1
     if (path / "generation_config.json").exists() and model.can_generate():
         model.generation_config = GenerationConfig.from_pretrained(path)
-    config_q = resolve_quant(quant)
-    if config_q is not None and not isinstance(quant, Fp8Config):
-        config_q = dataclasses.replace(config_q, exclude=(*exclude, *ROUTERS))
-
     source = SafetensorsSource(path, device=device)
     try:
-        mapping = checkpoint_mapping(model, source.entries())                    # H2
-        session = LoadSession(model, quant=config_q, device=device, trace=trace,
-                              strict=strict, pieces=mapping.pieces,
-                              handlers=() if config_q is None else (HfExpertsFp8Handler.name,))
-        report = run(session, _Ignoring(source, mapping.ignored))                # H3, H4
+        session, ignored = plan_session(model, source.entries(), hf_quant(quant, exclude),
+                                        device=device, trace=trace, strict=strict)   # H2
+        report = run(session, _Ignoring(source, ignored))                        # H3, H4
     finally:
         source.close()
     init_non_persistent_buffers(model, session.device)                          # H5
     model.eval()
     return HfLoad(model, report)
+
+
+def build_meta_model(path: str | Path, *, dtype: torch.dtype | None = None,
+                     model_class: type[PreTrainedModel] | None = None) -> PreTrainedModel:
+    """H1: the model ``config.json`` names, built on ``meta`` in the checkpoint's dtype."""
+    config = AutoConfig.from_pretrained(path)
+    cls = model_class or _model_class(config)
+    # Auto classes build through ``from_config``; a concrete class through the
+    # ``_from_config`` those call (it applies dtype and attention implementation).
+    build = getattr(cls, "from_config", None) or cls._from_config
+    with torch.device("meta"):
+        return build(config, dtype=dtype or _config_dtype(config))
+
+
+def hf_quant(quant, exclude=("lm_head",)) -> Fp8Config | None:
+    """The FP8 config of a transformers load: routers always stay in full precision; an
+    ``Fp8Config`` is used as given."""
+    config_q = resolve_quant(quant)
+    if config_q is not None and not isinstance(quant, Fp8Config):
+        config_q = dataclasses.replace(config_q, exclude=(*exclude, *ROUTERS))
+    return config_q
+
+
+def plan_session(model: PreTrainedModel, entries: dict, quant: Fp8Config | None, *,
+                 device=None, trace=None, strict: bool = True) -> tuple[LoadSession, set]:
+    """H2: the session for ``model`` fed by checkpoint ``entries`` (names mapped by
+    transformers' conversion rules), and the checkpoint names the class ignores."""
+    mapping = checkpoint_mapping(model, entries)
+    session = LoadSession(model, quant=quant, device=device, trace=trace, strict=strict,
+                          pieces=mapping.pieces,
+                          handlers=() if quant is None else (HfExpertsFp8Handler.name,))
+    return session, mapping.ignored
 
 
 def init_non_persistent_buffers(model: PreTrainedModel, device: torch.device) -> None:
