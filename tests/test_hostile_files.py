@@ -16,6 +16,7 @@ import loadfsm
 from loadfsm.errors import (BadWeightItemError, CorruptCheckpointError,
                             TraceOverwritesInputError, UnsafeCheckpointPathError,
                             UnsupportedDeviceError)
+from loadfsm.sources.safetensors_dir import SafetensorsSource
 
 STATE = {"0.weight": torch.randn(8, 8), "0.bias": torch.randn(8),
          "1.weight": torch.randn(4, 8), "1.bias": torch.randn(4)}
@@ -58,8 +59,8 @@ def foreign(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("entry", ["../other/model.safetensors", "sub/../../other/model.safetensors",
-                                   "{foreign}", "/etc/passwd", "/dev/null", "", "\0x"])
+@pytest.mark.parametrize("entry", ["../other/model.safetensors", "{foreign}", "/etc/passwd",
+                                   "sub/../../other/model.safetensors", "/dev/null", "", "\0x"])
 def test_index_entry_outside_the_directory_is_refused(tmp_path, foreign, entry):
     entry = entry.format(foreign=foreign)
     ckpt = shards(tmp_path / "ckpt", {**INDEX, "1.weight": entry, "1.bias": entry})
@@ -77,6 +78,18 @@ def test_symlink_leaving_the_directory_is_refused(tmp_path, foreign):
     (ckpt / "c.safetensors").symlink_to(foreign)
     with pytest.raises(UnsafeCheckpointPathError, match="links to") as err:
         load(ckpt)
+    assert err.value.file == str(ckpt / "c.safetensors")
+
+
+def test_symlink_re_pointed_outside_after_the_check_is_refused(tmp_path, foreign):
+    ckpt = shards(tmp_path / "ckpt", {**INDEX, "1.weight": "c.safetensors",
+                                      "1.bias": "c.safetensors"})
+    (ckpt / "c.safetensors").symlink_to(ckpt / "b.safetensors")
+    source = SafetensorsSource(ckpt)          # paths checked here, files opened later
+    (ckpt / "c.safetensors").unlink()
+    (ckpt / "c.safetensors").symlink_to(foreign)
+    with pytest.raises(UnsafeCheckpointPathError, match="replaced after") as err:
+        source.entries()
     assert err.value.file == str(ckpt / "c.safetensors")
 
 

@@ -38,6 +38,19 @@ def test_truncated_after_the_header_was_read(path):
     source.close()
 
 
+def test_large_tensors_read_by_threads_and_truncated(tmp_path):
+    big = {"a": torch.randn(1024, 1500), "b": torch.randn(1500, 1024)}   # 6 MB each: split
+    file = tmp_path / "big.safetensors"
+    save_file(big, str(file))
+    source = SafetensorsSource(file)
+    assert all(torch.equal(t, big[n]) for n, t in source.read(None))
+    os.truncate(file, file.stat().st_size - 3_000_000)   # inside b, past its first chunk
+    with pytest.raises(CheckpointChangedError, match="truncated") as err:
+        source.read_tensor("b")
+    assert (err.value.file, err.value.tensor) == (str(file), "b")
+    source.close()
+
+
 def test_rewritten_in_place_with_the_same_size(path):
     source = SafetensorsSource(path)
     names = iter(source.read(None))

@@ -52,31 +52,39 @@ def refuse_overwrite(output, inputs: list[Path]) -> None:
                 f"trace would destroy it", file=str(file))
 
 
-def checkpoint_files(path: Path) -> tuple[list[Path], dict[str, str], Path | None]:
-    """``(shards, index, index file)`` of a checkpoint file or directory.
+def checkpoint_files(path: Path) -> tuple[list[Path], dict[str, str], Path | None,
+                                          dict[str, tuple[int, int]]]:
+    """``(shards, index, index file, identities)`` of a checkpoint file or directory.
 
     ``index`` maps each tensor name to its shard as the index names it (empty without
-    an index). Every shard is a regular file inside the checkpoint.
+    an index). Every shard is a regular file inside the checkpoint; ``identities`` holds
+    each one's ``(st_dev, st_ino)`` as checked, so the open can prove it is the same file.
     """
     if path.is_dir():
         return _directory(path)
     if not path.exists():
         raise CorruptCheckpointError("checkpoint path does not exist", file=str(path))
-    os.close(open_regular(path))   # the caller named this file: only its type is checked
-    return [path], {}, None
+    fd = open_regular(path)        # the caller named this file: only its type is checked
+    st = os.fstat(fd)
+    os.close(fd)
+    return [path], {}, None, {str(path): (st.st_dev, st.st_ino)}
 
 
-def _directory(path: Path) -> tuple[list[Path], dict[str, str], Path | None]:
+def _directory(path: Path):
     roots = _roots(path)
     index_file = path / INDEX_NAME
     if index_file.exists() or index_file.is_symlink():
-        weight_map = _weight_map(_confined(path, INDEX_NAME, roots))
-        index = {name: str(_confined(path, file, roots)) for name, file in weight_map.items()}
-        return sorted({Path(file) for file in index.values()}), index, index_file
-    files = sorted(_confined(path, p.name, roots) for p in path.glob("*.safetensors"))
-    if not files:
-        raise CorruptCheckpointError("no .safetensors files in directory", file=str(path))
-    return files, {}, None
+        weight_map = _weight_map(_confined(path, INDEX_NAME, roots)[0])
+        checked = {f: _confined(path, f, roots) for f in dict.fromkeys(weight_map.values())}
+        index = {name: str(checked[file][0]) for name, file in weight_map.items()}
+    else:
+        checked = {p.name: _confined(path, p.name, roots) for p in path.glob("*.safetensors")}
+        index, index_file = {}, None
+        if not checked:
+            raise CorruptCheckpointError("no .safetensors files in directory", file=str(path))
+    files = sorted({target for target, _ in checked.values()})
+    identities = {str(target): identity for target, identity in checked.values()}
+    return files, index, index_file, identities
 
 
 def _roots(path: Path) -> list[Path]:
@@ -86,8 +94,9 @@ def _roots(path: Path) -> list[Path]:
     return [root]
 
 
-def _confined(directory: Path, name: str, roots: list[Path]) -> Path:
-    """``directory / name`` if it is a regular file inside the checkpoint; refused otherwise."""
+def _confined(directory: Path, name: str, roots: list[Path]) -> tuple[Path, tuple[int, int]]:
+    """``directory / name`` and its ``(st_dev, st_ino)`` if it is a regular file inside the
+    checkpoint; refused otherwise."""
     where = str(directory / name)
     parts = PurePosixPath(name).parts
     if not name or "\0" in name or PurePosixPath(name).is_absolute() or ".." in parts:
@@ -100,10 +109,10 @@ def _confined(directory: Path, name: str, roots: list[Path]) -> Path:
     if not any(real == root or real.is_relative_to(root) for root in roots):
         raise UnsafeCheckpointPathError(
             f"{name!r} links to {real}, outside the checkpoint directory", file=where)
-    mode = real.stat().st_mode
-    if not stat.S_ISREG(mode):
-        raise UnsafeCheckpointPathError(f"not a regular file ({_kind(mode)})", file=where)
-    return target
+    st = real.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeCheckpointPathError(f"not a regular file ({_kind(st.st_mode)})", file=where)
+    return target, (st.st_dev, st.st_ino)
 
 
 def _weight_map(index_file: Path) -> dict[str, str]:

@@ -30,7 +30,8 @@ class SafetensorsSource:
     def __init__(self, path: str | Path, *, device: torch.device | str | None = None):
         self.path = Path(path)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self._files, self._index, self._index_file = checkpoint_files(self.path)
+        self._files, self._index, self._index_file, self._identities = checkpoint_files(
+            self.path)
         self._shards: dict[str, ShardFile] = {}
         self._entries: dict[str, TensorEntry] | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -46,7 +47,7 @@ class SafetensorsSource:
     def _open(self, file: str) -> ShardFile:
         shard = self._shards.get(file)
         if shard is None:
-            shard = self._shards[file] = ShardFile(file)
+            shard = self._shards[file] = ShardFile(file, self._identities.get(file))
         return shard
 
     def entries(self) -> dict[str, TensorEntry]:

@@ -17,13 +17,13 @@ import ctypes
 import json
 import os
 import struct
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointChangedError, CorruptCheckpointError
+from ..errors import CheckpointChangedError, CorruptCheckpointError, UnsafeCheckpointPathError
 from .checkpoint_files import open_regular
 
 MAX_HEADER_BYTES = 100_000_000   # the limit safetensors itself enforces
@@ -51,13 +51,20 @@ class HeaderEntry:
 
 
 class ShardFile:
-    """An open safetensors file: its validated header and positional reads."""
+    """An open safetensors file: its validated header and positional reads.
 
-    def __init__(self, path: str | Path):
+    ``identity``: the ``(st_dev, st_ino)`` the file had when its path was checked; a
+    file swapped in since (a symlink re-pointed outside the checkpoint) is refused.
+    """
+
+    def __init__(self, path: str | Path, identity: tuple[int, int] | None = None):
         self.path = str(path)
         self._fd = open_regular(Path(path))
         try:
             st = os.fstat(self._fd)
+            if identity is not None and (st.st_dev, st.st_ino) != identity:
+                raise UnsafeCheckpointPathError("file replaced after its path was checked",
+                                                file=self.path)
             self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             self.tensors = _parse_header(self._fd, st.st_size, self.path)
         except BaseException:
@@ -82,8 +89,12 @@ class ShardFile:
                 for chunk, at in chunks:
                     self._pread(name, chunk, at)
             else:
-                for future in [pool.submit(self._pread, name, c, at) for c, at in chunks]:
-                    future.result()
+                futures = [pool.submit(self._pread, name, c, at) for c, at in chunks]
+                try:
+                    for future in futures:
+                        future.result()
+                finally:
+                    wait(futures)   # no write into ``out`` outlives this call (error, Ctrl-C)
         self.check_unchanged(name)
 
     def _pread(self, name: str, buf: memoryview, offset: int) -> None:
