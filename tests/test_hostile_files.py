@@ -213,6 +213,20 @@ def test_trace_naming_an_input_is_refused_before_writing(tmp_path, target):
     assert (tmp_path / "trace.jsonl").stat().st_size > 0
 
 
+def test_hf_trace_naming_an_input_is_refused(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import loadfsm.hf
+    config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=64,
+                                      num_attention_heads=2, intermediate_size=64)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    for name in ("config.json", "model.safetensors"):
+        before = digest(tmp_path / name)
+        with pytest.raises(TraceOverwritesInputError):
+            loadfsm.hf.from_pretrained(tmp_path, quant=None, device="cpu",
+                                       trace=tmp_path / name)
+        assert digest(tmp_path / name) == before
+
+
 class OneEmpty(nn.Module):
     def __init__(self):
         super().__init__()

@@ -28,6 +28,7 @@ from ..api import run
 from ..quant.config import Fp8Config, resolve_quant
 from ..report import LoadReport
 from ..session import LoadSession
+from ..sources.checkpoint_files import refuse_overwrite
 from ..sources.safetensors_dir import SafetensorsSource
 from .hf_experts import HfExpertsFp8Handler
 from .hf_pieces import checkpoint_mapping
@@ -76,6 +77,7 @@ def from_pretrained(path: str | Path, quant="fp8", device=None, exclude=("lm_hea
     if (path / "generation_config.json").exists() and model.can_generate():
         model.generation_config = GenerationConfig.from_pretrained(path)
     source = SafetensorsSource(path, device=device)
+    refuse_overwrite(trace, [*source.inputs(), *path.glob("*.json")])
     try:
         session, ignored = plan_session(model, source.entries(), hf_quant(quant, exclude),
                                         device=device, trace=trace, strict=strict)   # H2
