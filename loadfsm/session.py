@@ -41,7 +41,7 @@ from .handlers.fp8 import quant_name
 from .handlers.kernels import installers
 from .integrations.engine_shards import buffer_init, loader_pieces, uses_weight_loaders
 from .quant.config import resolve_quant
-from .quant.fp8 import flushed_to_zero
+from .quant.fp8 import flushed_to_zero, sample_rows
 from .report import LoadReport
 from .states import LayerState
 from .trace import Tracer, failure
@@ -51,6 +51,7 @@ COMMIT_BYTES = 512 << 20     # bytes loaded (or reload results held) per NaN/Inf
 # Warn when more than this fraction of a tensor's nonzero values become zero in FP8: a
 # normal weight loses ~1e-5 of them; a scale set by a far outlier loses most.
 UNDERFLOW_WARN_FRACTION = 0.01
+UNDERFLOW_SAMPLE = 1 << 18    # elements of each FP8 weight counted for the underflow warning
 _DONE = (LayerState.QUANTIZED, LayerState.FINALIZED)
 
 
@@ -548,17 +549,28 @@ class LoadSession:
             self.ledger.free_staging(shared)
             self.ledger.add_final(produced)
         self.ledger.free_staging(rec.staging_bytes - shared)
-        for attr, q in results.items():
-            w = rec.staging.get(attr)
-            if (w is not None and q is not w and q.is_floating_point() and q.dtype.itemsize == 1
-                    and w.is_floating_point() and w.dtype.itemsize > 1):
-                rec.underflow.append((rec.slots[attr].full_name, *flushed_to_zero(w, q)))
+        if not rec.reloading:
+            self._count_underflow(rec, results)
         rec.results, rec.staging, rec.staging_bytes = results, {}, 0
         rec.final_bytes = produced
         self._largest_output = max(self._largest_output, produced)
         self.in_flight.pop(rec.name, None)
         src, dst = rec.fire("quantize")
         self._transition(rec, src, dst, "quantize")
+
+    def _count_underflow(self, rec: LayerRecord, results: dict[str, torch.Tensor]) -> None:
+        """Record, per FP8 result, how many nonzero inputs it flushed to zero (checked with
+        the NaN/Inf batch). Counted on an evenly spread sample of rows: the warning needs a
+        fraction, not an exact count, and a full pass over every weight cost a quarter of
+        an H200 load (BENCHMARKS.md). First loads only: a push is the RL hot path, and its
+        weights come from the distribution the first load already checked."""
+        for attr, q in results.items():
+            w = rec.staging.get(attr)
+            if (w is not None and q is not w and q.is_floating_point() and q.dtype.itemsize == 1
+                    and w.is_floating_point() and w.dtype.itemsize > 1):
+                rows = sample_rows(w, q, UNDERFLOW_SAMPLE)
+                if rows is not None:
+                    rec.underflow.append((rec.slots[attr].full_name, *flushed_to_zero(*rows)))
 
     def finalize(self, rec: LayerRecord) -> None:
         """L5: install (first load) or commit in place (reload) the kernel tensors.

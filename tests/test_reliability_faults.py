@@ -311,3 +311,31 @@ def test_underflow_count_is_exact_across_chunks(numel):
     zero_q = (q.view(torch.uint8) & 0x7F) == 0
     assert nonzero.item() == int((w != 0).sum())
     assert flushed.item() == int(((w != 0) & zero_q).sum())
+
+
+@pytest.mark.parametrize("shape", [(7,), (300, 64), (4, 96, 32)], ids=["vector", "matrix", "experts"])
+def test_underflow_sample_pairs_the_same_rows(shape):
+    """The sampled rows of a weight and of its FP8 form (also stored transposed) are the
+    same elements, at most the limit of them."""
+    from loadfsm.quant.fp8 import sample_rows
+    w = torch.randn(shape)
+    q = w.to(torch.float8_e4m3fn)
+    for stored in (q, q.transpose(-1, -2).contiguous().transpose(-1, -2) if q.dim() > 1 else q):
+        w_rows, q_rows = sample_rows(w, stored, 1000)
+        assert w_rows.numel() <= max(1000, shape[-1])
+        assert torch.equal(w_rows.to(torch.float8_e4m3fn).float(), q_rows.float())
+    if q.dim() > 1:       # a kernel layout [K, N]: the sample is taken in w's order
+        w_rows, q_rows = sample_rows(w, q.transpose(-1, -2), 1000)
+        assert torch.equal(w_rows.to(torch.float8_e4m3fn).float(), q_rows.float())
+
+
+def test_underflow_is_not_counted_on_pushes():
+    """A push, the RL hot path, counts no underflow: the first load already checked."""
+    model = build_model(SMALL)
+    state = reference_state_dict(SMALL, 0)
+    loadfsm.load(model, state.items(), quant="fp8", device="cpu")
+    state[f"{O_PROJ}.weight"] = state[f"{O_PROJ}.weight"].clone()
+    state[f"{O_PROJ}.weight"][0, 0] = 1e4
+    with capture_logs() as events:
+        loadfsm.WeightSync(model).push(state.items())
+    assert not [e for e in events if e["event"] == "fp8_underflow"]

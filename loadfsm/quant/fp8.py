@@ -106,6 +106,20 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, config: Fp8Config,
     return (q.float() * _expand_scale(scale, config, 0, n, k)).to(dtype)
 
 
+def sample_rows(w: torch.Tensor, q: torch.Tensor,
+                limit: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Views of the same rows of ``w`` and its FP8 form ``q``, evenly strided, holding
+    at most ``limit`` elements (all rows when the tensor is that small); ``None`` when
+    ``q`` is not ``w``'s shape, even transposed (a kernel layout stored as ``[K, N]``)."""
+    if q.shape != w.shape and q.dim() >= 2 and q.transpose(-1, -2).shape == w.shape:
+        q = q.transpose(-1, -2)
+    if q.shape != w.shape or w.dim() == 0:
+        return None
+    w2, q2 = w.reshape(-1, w.shape[-1]), q.reshape(-1, q.shape[-1])
+    step = max(1, -(-w2.numel() // limit))
+    return w2[::step], q2[::step]
+
+
 def flushed_to_zero(w: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(flushed, nonzero)``: how many nonzero values of ``w`` became zero in its FP8
     form ``q``, and how many were nonzero. Counts stay on the device (no sync), so a
