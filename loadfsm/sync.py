@@ -34,6 +34,7 @@ from .layer import LayerRecord
 from .ledger import nbytes
 from .report import LoadReport
 from .session import COMMIT_BYTES, LoadSession
+from .sources.base import iter_weights
 from .sources.push import PushRoutes
 from .states import LayerState
 from .trace import Tracer, failure
@@ -171,8 +172,10 @@ class WeightSync:
                 old or wholly new, the trace's ``push_failed`` saying which committed.
             ConcurrentPushError: another push into this model is in progress.
         """
+        weights = iter_weights(named_tensors)
+
         def feed(push: PushProgress) -> None:
-            for name, tensor in named_tensors:
+            for name, tensor in weights:
                 push.current = name
                 with torch.no_grad():     # trainer tensors may require grad
                     self._arrive(name, tensor.detach(), push)

@@ -439,3 +439,30 @@ def test_replanning_refuses_fp8_parameters_it_cannot_explain():
                                      requires_grad=False)
     with pytest.raises(ValueError, match="full_precision_slots"):
         loadfsm.WeightSync(model)
+
+
+@pytest.mark.parametrize("bad", [("w", "not a tensor"), ("w",), (3, torch.zeros(1)),
+                                 ("w", torch.empty(2, device="meta"))],
+                         ids=["value", "single", "name", "meta"])
+def test_bad_item_mid_push_is_typed_rolls_back_and_retry_succeeds(bad, fresh):
+    """A malformed (name, tensor) item halfway raises PushError from BadWeightItemError;
+    every layer is wholly old or new and a retry succeeds."""
+    model, sync = _engine(SMALL, commit_bytes=0)
+    old = _snapshot(model)
+    items = list(reference_state_dict(SMALL, 1).items())
+    middle = len(items) // 2
+    with pytest.raises(loadfsm.PushError) as info:
+        sync.push(items[:middle] + [bad] + items[middle:])
+    assert isinstance(info.value.__cause__, loadfsm.BadWeightItemError)
+    _layers_old_or_new(model, old, fresh(SMALL, 1))
+    sync.push(items)
+    _assert_equal_models(model, fresh(SMALL, 1))
+
+
+def test_push_of_a_mapping_is_refused_before_anything_changes():
+    """A dict (not its .items()) is refused at once with BadWeightItemError."""
+    model, sync = _engine(SMALL)
+    old = _snapshot(model)
+    with pytest.raises(loadfsm.BadWeightItemError, match=r"\.items\(\)"):
+        sync.push(reference_state_dict(SMALL, 1))
+    _assert_equal_models(model, old)

@@ -33,14 +33,7 @@ class IteratorSource:
     """A user's iterable of ``(name, tensor)``; order unknown, nothing to plan with."""
 
     def __init__(self, weights):
-        if isinstance(weights, Mapping):
-            raise BadWeightItemError(f"weights is a {type(weights).__name__}; pass "
-                                     f"its .items() to load (name, tensor) pairs")
-        try:
-            self._weights = iter(weights)
-        except TypeError:
-            raise BadWeightItemError(f"weights must be an iterable of (name, tensor) pairs, "
-                                     f"got {type(weights).__name__}") from None
+        self._weights = iter_weights(weights)
 
     def entries(self) -> None:
         return None
@@ -49,14 +42,27 @@ class IteratorSource:
         return {}
 
     def read(self, order=None) -> Iterator[tuple[str, torch.Tensor]]:
-        for position, item in enumerate(self._weights):
-            yield _checked(position, item)
+        return self._weights
 
     def close(self) -> None:
         """Nothing to release: the iterable belongs to the caller."""
 
     def file_of(self, name: str) -> None:
         return None
+
+
+def iter_weights(weights) -> Iterator[tuple[str, torch.Tensor]]:
+    """The ``(name, tensor)`` pairs of a user's iterable, each checked as it comes; a
+    mapping or a non-iterable is refused at once (typed, before anything is read)."""
+    if isinstance(weights, Mapping):
+        raise BadWeightItemError(f"weights is a {type(weights).__name__}; pass "
+                                 f"its .items() for (name, tensor) pairs")
+    try:
+        items = iter(weights)
+    except TypeError:
+        raise BadWeightItemError(f"weights must be an iterable of (name, tensor) pairs, "
+                                 f"got {type(weights).__name__}") from None
+    return (_checked(position, item) for position, item in enumerate(items))
 
 
 def _checked(position: int, item) -> tuple[str, torch.Tensor]:
