@@ -309,9 +309,12 @@ class WeightSync:
         return all(name in rec.missing for name in names)
 
     def _settle(self, touched: dict[str, LayerRecord]) -> dict[str, list[str]]:
-        """Default optional pieces of touched layers; return those missing required ones."""
+        """Default optional pieces of touched layers and keep their unpushed buffers;
+        return the layers still missing required pieces."""
         missing = {}
         for rec in touched.values():
+            if rec.state in (LayerState.META, LayerState.PARTIAL):
+                self._keep_live_buffers(rec)
             if rec.state not in (LayerState.META, LayerState.PARTIAL):
                 continue
             due = rec.required_missing()
@@ -320,6 +323,21 @@ class WeightSync:
                 continue
             self.session.complete_with_defaults(rec)
         return missing
+
+    def _keep_live_buffers(self, rec: LayerRecord) -> None:
+        """A trainer's ``named_parameters()`` carries no buffers: a touched layer's
+        persistent buffers that were not pushed (DeepSeek-V3's ``e_score_correction_bias``)
+        arrive from their live values, so the layer completes with them unchanged."""
+        kept = [name for name in rec.required_missing()
+                if rec.slots[rec.slot_attr(rec.pieces[name].param)].is_buffer]
+        if not kept:
+            return
+        live = rec.handler.live_tensors(rec)
+        self.session.tracer.event("buffers_kept", layer=rec.name, pieces=kept)
+        for name in kept:
+            piece = rec.pieces[name]
+            tensor = live[rec.slot_attr(piece.param)]
+            self.session.arrive(name, tensor[piece.region] if piece.region else tensor)
 
     def _roll_back(self, touched: dict[str, LayerRecord]) -> list[str]:
         """P5: every touched layer not committed returns to FINALIZED with old weights."""

@@ -217,6 +217,20 @@ def test_trainer_push_equals_fresh_fp8_load(checkpoints, family, quant):
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
+def test_named_parameters_push_keeps_the_engines_buffers(checkpoints, family):
+    """``push(trainer.named_parameters())`` alone, the form the issue names: parameters
+    equal a fresh FP8 load of the trainer's, persistent buffers keep the engine's values."""
+    ckpt = checkpoints(family)
+    model, _ = loadfsm.hf.from_pretrained(ckpt.path, quant="fp8", device="cpu")
+    buffers = {n: b.clone() for n, b in model.named_buffers() if n in model.state_dict()}
+    before = _addresses(model)
+    loadfsm.WeightSync(model).push(ckpt.trainer.named_parameters())
+    fresh, _ = loadfsm.hf.from_pretrained(ckpt.trainer_path, quant="fp8", device="cpu")
+    _assert_same_tensors(model.state_dict(), {**fresh.state_dict(), **buffers})
+    assert _addresses(model) == before
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=IDS)
 def test_checkpoint_names_push_equals_fresh_fp8_load(checkpoints, family):
     """A push of the trainer's saved state dict (per-expert names for MoE files), through
     the load's report: bit-identical to a fresh FP8 load, no live tensor moved."""

@@ -466,3 +466,64 @@ def test_push_of_a_mapping_is_refused_before_anything_changes():
     with pytest.raises(loadfsm.BadWeightItemError, match=r"\.items\(\)"):
         sync.push(reference_state_dict(SMALL, 1))
     _assert_equal_models(model, old)
+
+
+class RouterWithBiasBuffer(nn.Module):
+    """A router whose persistent buffer is trained outside the optimizer (DeepSeek-V3's
+    ``e_score_correction_bias``): a trainer's named_parameters() does not carry it."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(8, 16))
+        self.register_buffer("e_score_correction_bias", torch.empty(8))
+
+
+class BufferedRouterModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(16, 32, bias=False)
+        self.gate = RouterWithBiasBuffer()
+
+
+def _router_state(seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {**dict(BufferedRouterModel().named_parameters()),
+                  **dict(BufferedRouterModel().named_buffers())}
+    return {name: torch.randn(t.shape, generator=gen).to(torch.bfloat16)
+            for name, t in shapes.items()}
+
+
+@pytest.mark.parametrize("quant", [None, "fp8"], ids=["bf16", "fp8"])
+def test_push_of_parameters_only_keeps_the_live_buffers(quant):
+    """Pushing named_parameters() alone updates every parameter and keeps the touched
+    layer's unpushed persistent buffer as it was, equal to a fresh load of that mix."""
+    with torch.device("meta"):
+        model = BufferedRouterModel().to(torch.bfloat16)
+    first, second = _router_state(0), _router_state(1)
+    loadfsm.load(model, first.items(), quant=quant, device="cpu")
+    addresses = _addresses(model)
+    params_only = {k: v for k, v in second.items() if k != "gate.e_score_correction_bias"}
+    with capture_logs() as events:
+        loadfsm.WeightSync(model, trace=True).push(params_only.items())
+    with torch.device("meta"):
+        expected = BufferedRouterModel().to(torch.bfloat16)
+    loadfsm.load(expected, {**params_only,
+                            "gate.e_score_correction_bias": first["gate.e_score_correction_bias"]
+                            }.items(), quant=quant, device="cpu")
+    _assert_equal_models(model, expected.state_dict())
+    assert _addresses(model) == addresses
+    kept = [(e["layer"], e["pieces"]) for e in events if e["event"] == "buffers_kept"]
+    assert kept == [("gate", ["gate.e_score_correction_bias"])]
+
+
+def test_push_missing_a_parameter_still_fails_when_buffers_are_kept():
+    """Only buffers are kept: a touched layer missing a parameter still rolls back."""
+    with torch.device("meta"):
+        model = BufferedRouterModel().to(torch.bfloat16)
+    loadfsm.load(model, _router_state(0).items(), device="cpu")
+    old = _snapshot(model)
+    with pytest.raises(loadfsm.PushError, match="gate.weight"):
+        loadfsm.WeightSync(model).push([("gate.e_score_correction_bias",
+                                         _router_state(1)["gate.e_score_correction_bias"])])
+    _assert_equal_models(model, old)
