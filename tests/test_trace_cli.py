@@ -246,3 +246,17 @@ def test_hand_written_push_failure_exits_1(tmp_path):
     assert "FAILED (push_failed): PushError: boom [tensor=a.w, layer=a]" in text
     assert "committed before the failure: 1 layer(s): b" in text
     assert "rolled back (old weights kept): a" in text
+
+
+def test_trace_file_holds_each_event_but_transitions_at_once(tmp_path):
+    """Failures and other per-load events reach the file at once (with any transitions
+    before them), so a process killed right after still leaves them on disk."""
+    from loadfsm.trace import Tracer
+    path = tmp_path / "t.jsonl"
+    tracer = Tracer(path)
+    tracer.transition("layer", "META", "PARTIAL", "arrive", 8)
+    tracer.event("load_failed", error="X", message="m", tensor=None, file=None, layer="layer")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(e["event"], e["level"]) for e in lines] == [("layer_transition", "info"),
+                                                         ("load_failed", "info")]
+    tracer.close()
