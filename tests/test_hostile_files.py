@@ -3,6 +3,7 @@ files, malformed indexes, a trace path naming an input, bad iterator items, ``me
 
 import hashlib
 import json
+import contextlib
 import os
 import threading
 import time
@@ -140,10 +141,8 @@ def unblock():
             if time.monotonic() < deadline:
                 continue
             for fifo in fifos:
-                try:
+                with contextlib.suppress(OSError):      # ENXIO: no reader (yet)
                     os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-                except OSError:
-                    pass
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
     yield fifos.append
