@@ -1,9 +1,9 @@
 """Hostile and careless checkpoints: confinement to the checkpoint directory, special
 files, malformed indexes, a trace path naming an input, bad iterator items, ``meta``."""
 
+import contextlib
 import hashlib
 import json
-import contextlib
 import os
 import threading
 import time
