@@ -51,15 +51,18 @@ class CopyFault:
     """Within the block, the ``at``-th ``Tensor.copy_`` call injects ``kind``:
     ``"sigint"`` (a real SIGINT, delivered where Python next checks for signals),
     ``"keyboard"`` (KeyboardInterrupt raised right there, as off the main thread),
-    ``"raise"`` (RuntimeError right there); nothing for another kind."""
+    ``"raise"`` (RuntimeError right there); nothing for another kind. With ``into``
+    (a set of ``data_ptr``s), only copies into those tensors are counted."""
 
-    def __init__(self, kind: str, at: int):
-        self.kind, self.at, self.calls = kind, at, 0
+    def __init__(self, kind: str, at: int, into=None):
+        self.kind, self.at, self.into, self.calls = kind, at, into, 0
 
     def __enter__(self):
         real = self._real = torch.Tensor.copy_
 
         def copy_(tensor, src, *args, **kwargs):
+            if self.into is not None and tensor.data_ptr() not in self.into:
+                return real(tensor, src, *args, **kwargs)
             self.calls += 1
             if self.calls == self.at:
                 if self.kind == "sigint":

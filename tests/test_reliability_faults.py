@@ -31,35 +31,11 @@ def _o_proj_push(seed=1):
     return [(name, reference_state_dict(SMALL, seed)[name])]
 
 
-class _BetweenCommitCopies:
-    """Injects ``kind`` (as ``CopyFault``) right before the second copy into o_proj's
-    live tensors: between its weight and scale copies, whichever goes first."""
-
-    def __init__(self, model, kind):
-        module = model.get_submodule(O_PROJ)
-        self.live = {module.weight.data_ptr(), module.weight_scale.data_ptr()}
-        self.kind, self.seen = kind, 0
-
-    def __enter__(self):
-        real = self._real = torch.Tensor.copy_
-
-        def copy_(tensor, src, *args, **kwargs):
-            if tensor.data_ptr() in self.live:
-                self.seen += 1
-                if self.seen == 2:
-                    if self.kind == "sigint":
-                        signal.raise_signal(signal.SIGINT)
-                    elif self.kind == "keyboard":
-                        raise KeyboardInterrupt
-                    else:
-                        raise RuntimeError("injected copy failure")
-            return real(tensor, src, *args, **kwargs)
-
-        torch.Tensor.copy_ = copy_
-        return self
-
-    def __exit__(self, *exc):
-        torch.Tensor.copy_ = self._real
+def _between_commit_copies(kit, model, kind):
+    """Injects ``kind`` right before the second copy into o_proj's live tensors: between
+    its weight and scale copies, whichever goes first."""
+    module = model.get_submodule(O_PROJ)
+    return kit.CopyFault(kind, 2, into={module.weight.data_ptr(), module.weight_scale.data_ptr()})
 
 
 def test_interrupt_between_weight_and_scale_copies_commits_the_whole_layer(kit):
@@ -68,7 +44,7 @@ def test_interrupt_between_weight_and_scale_copies_commits_the_whole_layer(kit):
     model, fresh = _loaded(0), kit.snapshot(_loaded(1))
     sync = loadfsm.WeightSync(model, trace=True)
     with capture_logs() as events, pytest.raises(KeyboardInterrupt):
-        with _BetweenCommitCopies(model, "sigint"):
+        with _between_commit_copies(kit, model, "sigint"):
             sync.push(_o_proj_push())
     for attr in ("weight", "weight_scale"):
         assert kit.same(getattr(model.get_submodule(O_PROJ), attr), fresh[f"{O_PROJ}.{attr}"])
@@ -85,7 +61,7 @@ def test_exception_between_commit_copies_restores_the_old_tensors(kit, kind):
     old = kit.snapshot(model)
     sync = loadfsm.WeightSync(model)
     with pytest.raises((KeyboardInterrupt, loadfsm.PushError)):
-        with _BetweenCommitCopies(model, kind):
+        with _between_commit_copies(kit, model, kind):
             sync.push(_o_proj_push())
     assert all(kit.same(t, old[n]) for n, t in model.state_dict().items())
     sync.push(_o_proj_push())
