@@ -10,16 +10,7 @@ from structlog.testing import capture_logs
 
 import loadfsm
 from loadfsm.models import CONFIGS, build_model, reference_state_dict
-
-
-def round_robin(config, state):
-    """The checkpoint's tensors reordered: first piece of every layer, then every second..."""
-    plan = loadfsm.LoadSession(build_model(config), device="cpu").plan
-    by_layer: dict[str, list] = {}
-    for name, tensor in state.items():
-        by_layer.setdefault(plan.by_ckpt[name].name, []).append((name, tensor))
-    queues = list(by_layer.values())
-    return [queue[i] for i in range(max(map(len, queues))) for queue in queues if i < len(queue)]
+from orders import round_robin
 
 
 def _load(config, stream, quant="fp8", **kwargs):
