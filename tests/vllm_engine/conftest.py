@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 import vllm_models as models
 
@@ -25,23 +23,7 @@ def dist(ckpts):
     models.init_distributed(models.vllm_config(ckpts["mixtral"][0]))
 
 
-def weights(ckpt: str):
-    """The checkpoint's tensors, as vLLM's ``load_weights`` takes them."""
-    return list(load_file(f"{ckpt}/model.safetensors").items())
-
-
 @pytest.fixture(scope="session")
 def reference(ckpts, dist):
     """Kind -> (vLLM's model built on CPU, loaded by its own ``load_weights``, its names)."""
-    return {kind: vllm_load(ckpts[kind][0]) for kind in ckpts}
-
-
-def vllm_load(ckpt: str, forward: bool = False):
-    model, config = models.build(ckpt, "cpu", forward)
-    with models.current(config):
-        names = model.load_weights(weights(ckpt))
-    return model, names
-
-
-def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return {kind: models.vllm_load(ckpts[kind][0]) for kind in ckpts}

@@ -13,7 +13,8 @@ from torch import nn  # noqa: E402
 
 import loadfsm  # noqa: E402
 import vllm_models as models  # noqa: E402
-from conftest import weights  # noqa: E402
+from loadfsm.quant.fp8 import sqnr_db  # noqa: E402
+from vllm_models import weights  # noqa: E402
 
 
 class CausalAttention(nn.Module):
@@ -58,10 +59,6 @@ def load(ckpt, device, quant=None):
     return logits(model, config)
 
 
-def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    return float(20 * torch.log10(ref.norm() / (ref - out).norm()))
-
-
 @pytest.fixture(scope="module")
 def vllm_logits(ckpts, dist):
     return load(ckpts["llama"][0], "cpu")
@@ -75,6 +72,6 @@ def test_logits_identical_to_vllm_load(ckpts, vllm_logits):
 @pytest.mark.parametrize("quant", ["fp8", "fp8-channel"])
 def test_fp8_logits_within_25_db(ckpts, vllm_logits, quant):
     """FP8 (vLLM's layout, dequantized GEMM) stays >= 25 dB from the bf16 logits."""
-    db = sqnr(vllm_logits, load(ckpts["llama"][0], "meta", quant))
+    db = sqnr_db(vllm_logits, load(ckpts["llama"][0], "meta", quant))
     print(f"llama {quant} logits SQNR {db:.1f} dB")
     assert db >= 25.0

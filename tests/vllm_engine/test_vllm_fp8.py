@@ -13,8 +13,8 @@ from vllm.model_executor.layers.linear import LinearBase  # noqa: E402
 
 import loadfsm  # noqa: E402
 import vllm_models as models  # noqa: E402
-from conftest import state, vllm_load, weights  # noqa: E402
 from loadfsm.integrations.vllm_fp8 import UnsupportedFp8LayoutError  # noqa: E402
+from vllm_models import state, vllm_load, weights  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 

@@ -12,7 +12,7 @@ import loadfsm  # noqa: E402
 from loadfsm import LayerState  # noqa: E402
 
 import vllm_models as models  # noqa: E402
-from conftest import state, weights  # noqa: E402
+from vllm_models import state, weights  # noqa: E402
 
 
 def hooked_load(ckpt, **options):
@@ -56,15 +56,10 @@ def test_classes_and_loaders_kept(kind, ckpts, dist, reference):
             assert after[name][0] is cls, name
             assert after[name][1] is loader, name
         names = model.load_weights(weights(ckpts[kind][1]))     # vLLM's own, unhooked
-    fresh = vllm_load_names(ckpts[kind][1])
+    fresh = models.vllm_load(ckpts[kind][1])
     assert names == fresh[1]
     for name, tensor in state(fresh[0]).items():
         assert torch.equal(state(model)[name], tensor), name
-
-
-def vllm_load_names(ckpt):
-    from conftest import vllm_load
-    return vllm_load(ckpt)
 
 
 def test_loaders_kept_after_a_session_that_raised(ckpts, dist):
@@ -91,7 +86,7 @@ def test_push_with_reloads_in_place(kind, ckpts, dist, reference):
         ptrs = {n: t.data_ptr() for n, t in state(model).items()}
         sync = loadfsm.WeightSync(model, session=session)
         sync.push_with(lambda: model.load_weights(weights(ckpts[kind][1])))
-    fresh, _ = vllm_load_names(ckpts[kind][1])
+    fresh, _ = models.vllm_load(ckpts[kind][1])
     ours = state(model)
     assert {n: t.data_ptr() for n, t in ours.items()} == ptrs
     for name, tensor in state(fresh).items():

@@ -1,5 +1,6 @@
 """Tiny checkpoints written by transformers' ``save_pretrained`` and vLLM's own model
-classes built from them (on ``meta`` for loadfsm, on CPU for vLLM's reference load)."""
+classes built from them (on ``meta`` for loadfsm, on CPU for vLLM's reference load),
+and the helpers the test modules share (imported, never from conftest)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import socket
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 
 import torch
+from safetensors.torch import load_file
 
 _COMMON = dict(vocab_size=250, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=64, head_dim=16,
@@ -82,3 +84,19 @@ def current(config):
     from vllm.config import set_current_vllm_config
     with set_current_vllm_config(config):
         yield
+
+
+def weights(ckpt: str):
+    """The checkpoint's tensors, as vLLM's ``load_weights`` takes them."""
+    return list(load_file(f"{ckpt}/model.safetensors").items())
+
+
+def vllm_load(ckpt: str, forward: bool = False):
+    model, config = build(ckpt, "cpu", forward)
+    with current(config):
+        names = model.load_weights(weights(ckpt))
+    return model, names
+
+
+def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
