@@ -148,16 +148,11 @@ def _logits(model, family: Family) -> torch.Tensor:
     return (out.last_hidden_state if family.encoder else out.logits).float()
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's raw bytes: FP8 has no ``torch.equal`` on CPU, and -0.0 != 0.0 counts."""
-    return t.detach().reshape(-1).contiguous().view(torch.uint8)
-
-
-def _assert_same_tensors(ours: dict, theirs: dict) -> None:
+def _assert_same_tensors(kit, ours: dict, theirs: dict) -> None:
+    """Same names, each of the same dtype, shape and bytes (FP8 and -0.0 included)."""
     assert ours.keys() == theirs.keys()
     for key, value in theirs.items():
-        assert ours[key].dtype == value.dtype and ours[key].shape == value.shape, key
-        assert torch.equal(_bits(ours[key]), _bits(value)), key
+        assert kit.same(ours[key], value), key
 
 
 def _trainer_tensors(trainer):
@@ -175,19 +170,15 @@ def _checkpoint_tensors(path: Path):
         yield from load_file(path / file).items()
 
 
-def _addresses(model) -> dict[str, int]:
-    return {n: t.data_ptr() for n, t in model.state_dict(keep_vars=True).items()}
-
-
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
-def test_bf16_bit_identical_to_from_pretrained(checkpoints, family):
+def test_bf16_bit_identical_to_from_pretrained(checkpoints, family, kit):
     """quant=None: every parameter, buffer and logit equals transformers' from_pretrained."""
     ckpt = checkpoints(family)
     model, report = loadfsm.hf.from_pretrained(ckpt.path, quant=None, device="cpu")
     ref = ckpt.reference()
     assert report.states["FINALIZED"] == len(report.layer_states)
-    _assert_same_tensors(dict(model.named_parameters()), dict(ref.named_parameters()))
-    _assert_same_tensors(dict(model.named_buffers()), dict(ref.named_buffers()))
+    _assert_same_tensors(kit, dict(model.named_parameters()), dict(ref.named_parameters()))
+    _assert_same_tensors(kit, dict(model.named_buffers()), dict(ref.named_buffers()))
     assert torch.equal(_logits(model, family), _logits(ref, family))
 
 
@@ -203,44 +194,44 @@ def test_fp8_logits_sqnr_against_from_pretrained(checkpoints, family):
 
 @pytest.mark.parametrize("quant", ["fp8", "fp8-channel", "fp8-block"])
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
-def test_trainer_push_equals_fresh_fp8_load(checkpoints, family, quant):
+def test_trainer_push_equals_fresh_fp8_load(checkpoints, family, quant, kit):
     """WeightSync(model) of a trainer's parameters: bit-identical to a fresh FP8 load of
     them, and no live tensor moved."""
     ckpt = checkpoints(family)
     model, _ = loadfsm.hf.from_pretrained(ckpt.path, quant=quant, device="cpu")
-    before = _addresses(model)
+    before = kit.addresses(model)
     loadfsm.WeightSync(model).push(_trainer_tensors(ckpt.trainer))
     fresh, _ = loadfsm.hf.from_pretrained(ckpt.trainer_path, quant=quant, device="cpu")
-    _assert_same_tensors(model.state_dict(), fresh.state_dict())
-    assert _addresses(model) == before
+    _assert_same_tensors(kit, model.state_dict(), fresh.state_dict())
+    assert kit.addresses(model) == before
     assert torch.equal(_logits(model, family), _logits(fresh, family))
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
-def test_named_parameters_push_keeps_the_engines_buffers(checkpoints, family):
+def test_named_parameters_push_keeps_the_engines_buffers(checkpoints, family, kit):
     """``push(trainer.named_parameters())`` alone, the form the issue names: parameters
     equal a fresh FP8 load of the trainer's, persistent buffers keep the engine's values."""
     ckpt = checkpoints(family)
     model, _ = loadfsm.hf.from_pretrained(ckpt.path, quant="fp8", device="cpu")
     buffers = {n: b.clone() for n, b in model.named_buffers() if n in model.state_dict()}
-    before = _addresses(model)
+    before = kit.addresses(model)
     loadfsm.WeightSync(model).push(ckpt.trainer.named_parameters())
     fresh, _ = loadfsm.hf.from_pretrained(ckpt.trainer_path, quant="fp8", device="cpu")
-    _assert_same_tensors(model.state_dict(), {**fresh.state_dict(), **buffers})
-    assert _addresses(model) == before
+    _assert_same_tensors(kit, model.state_dict(), {**fresh.state_dict(), **buffers})
+    assert kit.addresses(model) == before
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
-def test_checkpoint_names_push_equals_fresh_fp8_load(checkpoints, family):
+def test_checkpoint_names_push_equals_fresh_fp8_load(checkpoints, family, kit):
     """A push of the trainer's saved state dict (per-expert names for MoE files), through
     the load's report: bit-identical to a fresh FP8 load, no live tensor moved."""
     ckpt = checkpoints(family)
     model, report = loadfsm.hf.from_pretrained(ckpt.path, quant="fp8", device="cpu")
-    before = _addresses(model)
+    before = kit.addresses(model)
     loadfsm.WeightSync(model, session=report).push(_checkpoint_tensors(ckpt.trainer_path))
     fresh, _ = loadfsm.hf.from_pretrained(ckpt.trainer_path, quant="fp8", device="cpu")
-    _assert_same_tensors(model.state_dict(), fresh.state_dict())
-    assert _addresses(model) == before
+    _assert_same_tensors(kit, model.state_dict(), fresh.state_dict())
+    assert kit.addresses(model) == before
 
 
 def test_replanned_moe_keeps_its_experts_handler(checkpoints):
