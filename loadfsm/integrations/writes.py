@@ -13,7 +13,6 @@ takes a write it cannot account for as covering rows it did not touch.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -171,17 +170,8 @@ def full_box(shape: torch.Size) -> Box:
     return tuple((0, n) for n in shape)
 
 
-def box_numel(box: Box) -> int:
-    return math.prod(stop - start for start, stop in box)
-
-
 def box_within(inner: Box, outer: Box) -> bool:
     return all(a >= c and b <= d for (a, b), (c, d) in zip(inner, outer))
-
-
-def bounding_box(boxes: list[Box]) -> Box:
-    return tuple((min(b[d][0] for b in boxes), max(b[d][1] for b in boxes))
-                 for d in range(len(boxes[0])))
 
 
 def mask_box(mask: torch.Tensor) -> Box | None:
