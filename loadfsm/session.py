@@ -295,7 +295,7 @@ class LoadSession:
     def _arrived(self, rec: LayerRecord, names: tuple[str, ...], written: list[torch.Tensor],
                  nbytes_in: int, **extra) -> None:
         """Pieces ``names`` are in ``rec``'s staging (``written`` views): fire the arrival;
-        the last piece completes, quantizes and finalizes the layer."""
+        the last piece completes and quantizes the layer, held until verified (L5)."""
         src, dst = rec.fire("arrive")
         for view in written:
             if view.is_floating_point() and view.numel():   # an empty max|x| raises
@@ -479,7 +479,7 @@ class LoadSession:
     def arrive_in_place(self, rec: LayerRecord, names: tuple[str, ...], nbytes: int,
                         **extra) -> None:
         """Pieces ``names`` were written into ``rec``'s staging by the caller: fire the
-        arrival; the last piece completes, quantizes and finalizes the layer."""
+        arrival; the last piece completes and quantizes the layer, held until verified."""
         self._check_due(rec, names, names[0])
         written = []
         for name in names:

@@ -22,7 +22,8 @@ convention). The steps, cited below as E1..E5:
      unwritten, raise ``ShardWriteError`` naming the parameter and the rows; a parameter
      without shards written as one gapless box smaller than itself (vocab padding, a TP
      rank's last rows) has the rest zero-filled; then the arrival fires, and the layer's
-     last piece completes, quantizes and finalizes it;
+     last piece completes and quantizes it (installed once verified, at the latest on
+     exit: E5);
   E5 exit: each wrapped parameter gets exactly its own loader entries back (also when
      the load raised; vLLM keeps its loader behind a property, whose deleter would set it
      to ``None``); every installed parameter, FP8 ones included, is of the engine's
