@@ -3,18 +3,15 @@ reference cycle (everything below is freed with the garbage collector switched o
 
 import gc
 import weakref
-from dataclasses import replace
 
 import pytest
 
 import loadfsm
 from loadfsm.api import run
 from loadfsm.handlers.base import Handler
-from loadfsm.models import CONFIGS, build_model, reference_state_dict
+from loadfsm.models import build_model, reference_state_dict
 from loadfsm.sources.base import IteratorSource
-
-SMALL = replace(CONFIGS["tiny"], vocab_size=256, hidden_size=64, intermediate_size=128,
-                num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=16)
+from tiny import SMALL
 
 
 @pytest.fixture

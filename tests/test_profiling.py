@@ -1,15 +1,11 @@
 """torch.profiler ranges: every layer's quantize and commit, only while a profiler runs."""
 
-from dataclasses import replace
-
 import pytest
 import torch
 
 import loadfsm
-from loadfsm.models import CONFIGS, build_model, reference_state_dict
-
-SMALL = replace(CONFIGS["tiny"], vocab_size=256, hidden_size=64, intermediate_size=128,
-                num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=16)
+from loadfsm.models import build_model, reference_state_dict
+from tiny import SMALL
 
 
 def _ranges(run):

@@ -2,7 +2,6 @@
 
 import signal
 import threading
-from dataclasses import replace
 
 import pytest
 import torch
@@ -12,11 +11,10 @@ from torch import nn
 import loadfsm
 from loadfsm.atomic import deferred_interrupts
 from loadfsm.errors import ConcurrentPushError, ModelStateError
-from loadfsm.models import CONFIGS, build_model, reference_state_dict
+from loadfsm.models import build_model, reference_state_dict
 from loadfsm.quant.linear import Fp8Linear
+from tiny import SMALL
 
-SMALL = replace(CONFIGS["tiny"], vocab_size=256, hidden_size=64, intermediate_size=128,
-                num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=16)
 O_PROJ = "model.layers.0.self_attn.o_proj"
 
 

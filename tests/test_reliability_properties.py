@@ -14,10 +14,9 @@ from structlog.testing import capture_logs
 
 import loadfsm
 import loadfsm.session
-from loadfsm.models import CONFIGS, build_model, reference_state_dict
+from loadfsm.models import build_model, reference_state_dict
+from tiny import SMALL
 
-SMALL = replace(CONFIGS["tiny"], vocab_size=256, hidden_size=64, intermediate_size=128,
-                num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=16)
 SMALL_MOE = replace(SMALL, num_experts=4, experts_per_token=2, moe_intermediate_size=64)
 SEEDS = (0, 1, 2)
 FAULTS = ("none", "iterator", "raise", "sigint", "keyboard", "sink")

@@ -12,6 +12,7 @@ import loadfsm
 from loadfsm.cli import main as cli_main
 from loadfsm.models import CONFIGS, build_model, reference_state_dict
 from orders import round_robin
+from tiny import SMALL
 
 # Tied and padded at once; its checkpoint carries no kv-cache scales.
 CONFIG = replace(CONFIGS["tiny"], tie_embeddings=True, vocab_size=4000, pad_vocab_to=64)
@@ -135,8 +136,6 @@ def test_json_output_carries_the_same_facts(troubled_trace, capsys):
 
 
 # -- failures (issue 15): a failed or cut-off load or push exits 1 ------------------------
-SMALL = replace(CONFIGS["tiny"], vocab_size=256, hidden_size=64, intermediate_size=128,
-                num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=16)
 NAN_TENSOR = "model.layers.1.self_attn.o_proj.weight"
 
 

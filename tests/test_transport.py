@@ -8,12 +8,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import loadfsm
-from loadfsm.models import CONFIGS, build_model, load_reference_model, reference_state_dict
+from loadfsm.models import build_model, load_reference_model, reference_state_dict
 from loadfsm.sources.push import checkpoint_tensors
 from loadfsm.transport import SenderAbortedError, WeightReceiver, WeightSender
+from tiny import SMALL
 
-SMALL = replace(CONFIGS["tiny"], vocab_size=256, hidden_size=64, intermediate_size=128,
-                num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=16)
 SMALL_MOE = replace(SMALL, num_experts=4, experts_per_token=2, moe_intermediate_size=64)
 STEPS = 3
 # Small buckets: several per push, and tensors larger than a bucket travel alone.

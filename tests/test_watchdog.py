@@ -2,18 +2,16 @@
 
 import threading
 import time
-from dataclasses import replace
 
 import pytest
 from structlog.testing import capture_logs
 
 import loadfsm
-from loadfsm.models import CONFIGS, build_model, reference_state_dict
+from loadfsm.models import build_model, reference_state_dict
 from loadfsm.transport import STALL_WARNING_S, WeightReceiver
 from loadfsm.watchdog import Watchdog
+from tiny import SMALL
 
-SMALL = replace(CONFIGS["tiny"], vocab_size=256, hidden_size=64, intermediate_size=128,
-                num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=16)
 QKV = "model.layers.0.self_attn.qkv_proj"
 QKV_PIECES = [f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"]
 TICK = 0.02            # watchdog timeout in the tests; nothing asserts on elapsed time

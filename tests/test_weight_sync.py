@@ -9,11 +9,10 @@ from structlog.testing import capture_logs
 from torch import nn
 
 import loadfsm
-from loadfsm.models import CONFIGS, build_model, load_reference_model, reference_state_dict
+from loadfsm.models import build_model, load_reference_model, reference_state_dict
+from tiny import SMALL
 
 # Shapes small enough that every behaviour test runs in well under a second.
-SMALL = replace(CONFIGS["tiny"], vocab_size=256, hidden_size=64, intermediate_size=128,
-                num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=16)
 SMALL_MOE = replace(SMALL, num_experts=4, experts_per_token=2, moe_intermediate_size=64)
 QKV0 = "model.layers.0.self_attn.qkv_proj"
 
