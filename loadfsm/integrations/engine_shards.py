@@ -56,6 +56,23 @@ _LAYOUTS: dict[type, Callable[[nn.Module], Iterable[LoaderShard]]] = {}
 _BUFFER_INITS: dict[type, Callable[[nn.Module, torch.device], None]] = {}
 
 
+def _register(table: dict, cls: type[nn.Module]):
+    """A decorator that files its function under ``cls`` in ``table``."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"{cls!r} is not an nn.Module subclass")
+
+    def wrap(fn):
+        table[cls] = fn
+        return fn
+
+    return wrap
+
+
+def _registered(table: dict, module: nn.Module):
+    """The function ``table`` holds for ``module``'s class or its nearest base, or ``None``."""
+    return next((table[k] for k in type(module).__mro__ if k in table), None)
+
+
 def register_shard_layout(cls: type[nn.Module]):
     """Decorator: ``fn(module) -> Iterable[LoaderShard]`` is the layout of ``cls`` modules.
 
@@ -66,28 +83,14 @@ def register_shard_layout(cls: type[nn.Module]):
             q, kv = m.num_heads * m.head_size, m.num_kv_heads * m.head_size
             return [LoaderShard("weight", "q", (rows(0, q),)), ...]
     """
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(f"{cls!r} is not an nn.Module subclass")
-
-    def wrap(fn):
-        _LAYOUTS[cls] = fn
-        return fn
-
-    return wrap
+    return _register(_LAYOUTS, cls)
 
 
 def register_buffer_init(cls: type[nn.Module]):
     """Decorator: ``fn(module, device)`` computes the non-persistent buffers of ``cls``
     modules built on ``meta`` (an engine class's rotary cache), as their own
     ``compute_buffers(device)`` method would."""
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(f"{cls!r} is not an nn.Module subclass")
-
-    def wrap(fn):
-        _BUFFER_INITS[cls] = fn
-        return fn
-
-    return wrap
+    return _register(_BUFFER_INITS, cls)
 
 
 def buffer_init(module: nn.Module) -> Callable[[torch.device], None] | None:
@@ -95,10 +98,8 @@ def buffer_init(module: nn.Module) -> Callable[[torch.device], None] | None:
     own = getattr(module, "compute_buffers", None)
     if callable(own):
         return own
-    for klass in type(module).__mro__:
-        if klass in _BUFFER_INITS:
-            return lambda device, fn=_BUFFER_INITS[klass]: fn(module, device)
-    return None
+    fn = _registered(_BUFFER_INITS, module)
+    return None if fn is None else lambda device: fn(module, device)
 
 
 def shard_layout(module: nn.Module) -> list[LoaderShard] | None:
@@ -106,10 +107,8 @@ def shard_layout(module: nn.Module) -> list[LoaderShard] | None:
     own = getattr(module, "loader_shards", None)
     if callable(own):
         return list(own())
-    for klass in type(module).__mro__:
-        if klass in _LAYOUTS:
-            return list(_LAYOUTS[klass](module))
-    return None
+    fn = _registered(_LAYOUTS, module)
+    return None if fn is None else list(fn(module))
 
 
 def piece_name(param: str, shard_id: ShardId, expert: int | None) -> str:
