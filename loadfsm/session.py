@@ -108,11 +108,11 @@ class LoadSession:
                              tuple(handlers))
         self.ledger = MemoryLedger()
         self.handlers = self._build_handlers(handlers)
-        if (self.replan.pieces is None and not hasattr(model, "checkpoint_pieces")
+        pieces = self.replan.pieces           # ``pieces`` may be an iterator: read once
+        if (pieces is None and not hasattr(model, "checkpoint_pieces")
                 and uses_weight_loaders(model)):
             pieces = loader_pieces(model)     # an engine model: pieces are loader calls
-        self.plan = plan_layers(model, self.handlers,
-                                self.replan.pieces if pieces is None else pieces)  # L1
+        self.plan = plan_layers(model, self.handlers, pieces)              # L1
         self._check_replannable()
         self._name_modules()
         self.tracer = Tracer(trace)

@@ -7,6 +7,7 @@ import torch
 from structlog.testing import capture_logs
 
 import loadfsm
+from loadfsm.pieces import Piece
 from tiny_models import FusedQKVModel, NormAndLinears, meta_model, random_state, write
 
 
@@ -192,3 +193,10 @@ def test_bf16_tensor_into_an_fp8_parameter_raises(tmp_path):
                                                      device="meta"), requires_grad=False)
     with pytest.raises(loadfsm.DtypeMismatchError, match="up.weight"):
         loadfsm.load(model, write(state, tmp_path / "m.safetensors"), device="cpu")
+
+
+def test_pieces_given_as_an_iterator_are_planned():
+    """``LoadSession(pieces=...)`` takes a one-shot iterator as it takes a list."""
+    pieces = [Piece("mlp.up.weight", "up.weight")]
+    session = loadfsm.LoadSession(meta_model(NormAndLinears), device="cpu", pieces=iter(pieces))
+    assert "mlp.up.weight" in session.plan.by_ckpt and "up.weight" not in session.plan.by_ckpt
