@@ -10,7 +10,7 @@ from structlog.testing import capture_logs
 
 import loadfsm
 from loadfsm.models import CONFIGS, build_model, reference_state_dict
-from orders import round_robin
+from tiny_models import round_robin
 
 
 def _load(config, stream, quant="fp8", **kwargs):

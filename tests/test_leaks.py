@@ -11,7 +11,7 @@ from loadfsm.api import run
 from loadfsm.handlers.base import Handler
 from loadfsm.models import build_model, reference_state_dict
 from loadfsm.sources.base import IteratorSource
-from tiny import SMALL
+from tiny_models import SMALL
 
 
 @pytest.fixture

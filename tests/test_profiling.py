@@ -5,7 +5,7 @@ import torch
 
 import loadfsm
 from loadfsm.models import build_model, reference_state_dict
-from tiny import SMALL
+from tiny_models import SMALL
 
 
 def _ranges(run):

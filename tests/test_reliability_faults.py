@@ -13,7 +13,7 @@ from loadfsm.atomic import deferred_interrupts
 from loadfsm.errors import ConcurrentPushError, ModelStateError
 from loadfsm.models import build_model, reference_state_dict
 from loadfsm.quant.linear import Fp8Linear
-from tiny import SMALL
+from tiny_models import SMALL
 
 O_PROJ = "model.layers.0.self_attn.o_proj"
 

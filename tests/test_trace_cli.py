@@ -11,8 +11,7 @@ import torch
 import loadfsm
 from loadfsm.cli import main as cli_main
 from loadfsm.models import CONFIGS, build_model, reference_state_dict
-from orders import round_robin
-from tiny import SMALL
+from tiny_models import SMALL, round_robin
 
 # Tied and padded at once; its checkpoint carries no kv-cache scales.
 CONFIG = replace(CONFIGS["tiny"], tie_embeddings=True, vocab_size=4000, pad_vocab_to=64)

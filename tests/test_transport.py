@@ -11,7 +11,7 @@ import loadfsm
 from loadfsm.models import build_model, load_reference_model, reference_state_dict
 from loadfsm.sources.push import checkpoint_tensors
 from loadfsm.transport import SenderAbortedError, WeightReceiver, WeightSender
-from tiny import SMALL
+from tiny_models import SMALL
 
 SMALL_MOE = replace(SMALL, num_experts=4, experts_per_token=2, moe_intermediate_size=64)
 STEPS = 3

@@ -10,7 +10,7 @@ import loadfsm
 from loadfsm.models import build_model, reference_state_dict
 from loadfsm.transport import STALL_WARNING_S, WeightReceiver
 from loadfsm.watchdog import Watchdog
-from tiny import SMALL
+from tiny_models import SMALL
 
 QKV = "model.layers.0.self_attn.qkv_proj"
 QKV_PIECES = [f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"]

@@ -10,7 +10,7 @@ from torch import nn
 
 import loadfsm
 from loadfsm.models import build_model, load_reference_model, reference_state_dict
-from tiny import SMALL
+from tiny_models import SMALL
 
 # Shapes small enough that every behaviour test runs in well under a second.
 SMALL_MOE = replace(SMALL, num_experts=4, experts_per_token=2, moe_intermediate_size=64)

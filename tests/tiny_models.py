@@ -1,12 +1,20 @@
-"""Tiny models named for the case they test, and checkpoint helpers for them."""
+"""Tiny models named for the case they test, checkpoint helpers for them, the small Llama
+config the push, reliability and trace tests share, and arrival orders."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+import loadfsm
+from loadfsm.models import CONFIGS, build_model
 from loadfsm.pieces import Piece, fused_rows
+
+SMALL = replace(CONFIGS["tiny"], vocab_size=256, hidden_size=64, intermediate_size=128,
+                num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=16)
 
 
 class NormAndLinears(nn.Module):
@@ -64,3 +72,13 @@ def write(state, path):
 def meta_model(model_cls, dtype=torch.bfloat16):
     with torch.device("meta"):
         return model_cls().to(dtype)
+
+
+def round_robin(config, state):
+    """The checkpoint's tensors reordered: first piece of every layer, then every second..."""
+    plan = loadfsm.LoadSession(build_model(config), device="cpu").plan
+    by_layer: dict[str, list] = {}
+    for name, tensor in state.items():
+        by_layer.setdefault(plan.by_ckpt[name].name, []).append((name, tensor))
+    queues = list(by_layer.values())
+    return [queue[i] for i in range(max(map(len, queues))) for queue in queues if i < len(queue)]
