@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from ..pieces import Piece
+from ..sources.checkpoint_files import INDEX_NAME
 from .attention import DEFAULT_KV_SCALE, RotaryEmbedding
 from .config import ModelConfig, as_config
 from .registry import build_model
 
 ORDERS = ("model", "reversed", "shuffled", "interleaved")
-INDEX_NAME = "model.safetensors.index.json"
 
 _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
