@@ -128,16 +128,14 @@ class WeightSync:
     def __init__(self, model: nn.Module, *, session: LoadSession | LoadReport | None = None,
                  atomic: str = "layer", device=None, trace=None,
                  commit_bytes: int = COMMIT_BYTES, wait: bool = False):
-        if isinstance(session, LoadReport):
-            if session.replan.model() is not model:
-                raise ValueError("session did not load this model; pass the session (or "
-                                 "report) that loadfsm.load returned for it")
-            session = LoadSession.for_loaded_model(model, replan=session.replan)
-        elif session is None:
-            session = LoadSession.for_loaded_model(model)
-        if session.model is not model:
+        loaded_by = (session.replan.model() if isinstance(session, LoadReport)
+                     else model if session is None else session.model)
+        if loaded_by is not model:
             raise ValueError("session did not load this model; pass the session (or "
                              "report) that loadfsm.load returned for it")
+        if not isinstance(session, LoadSession):
+            session = LoadSession.for_loaded_model(
+                model, replan=session.replan if session is not None else None)
         if atomic not in ATOMIC_MODES:
             raise ValueError(f"atomic must be one of {ATOMIC_MODES}, got {atomic!r}")
         if device is not None and torch.device(device) != session.device:
