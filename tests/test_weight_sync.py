@@ -329,6 +329,8 @@ def test_sync_refuses_a_session_of_another_model():
     model, report = _load(SMALL, reference_state_dict(SMALL, 0))
     with pytest.raises(ValueError, match="did not load"):
         loadfsm.WeightSync(build_model(SMALL), session=report)
+    with pytest.raises(ValueError, match="did not load"):
+        loadfsm.WeightSync(model, session=loadfsm.LoadSession(build_model(SMALL)))
 
 
 class ManyLinearsModel(nn.Module):
