@@ -47,9 +47,6 @@ class Piece:
         """Shape a checkpoint tensor must have to fill this region."""
         return torch.empty(param_shape, device="meta")[self.region].shape
 
-    def numel(self, param_shape: torch.Size) -> int:
-        return self.expected_shape(param_shape).numel()
-
 
 def rows(start: int, length: int) -> slice:
     """Region helper: ``length`` rows from ``start`` along the first indexed dim."""

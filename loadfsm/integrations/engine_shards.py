@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
-
 from torch import nn
 
+from ..errors import ShapeMismatchError
 from ..pieces import Index, Piece
 
 ShardId = str | int | None
@@ -116,6 +116,15 @@ def piece_name(param: str, shard_id: ShardId, expert: int | None) -> str:
     if shard_id is None and expert is None:
         return param
     return f"{param}[{shard_id}]" if expert is None else f"{param}[{expert}:{shard_id}]"
+
+
+def default_weight_loader(param: nn.Parameter, loaded_weight) -> None:
+    """The loader of a parameter that declares none (as vLLM's): the whole tensor, same
+    shape, copied into ``param.data``."""
+    if tuple(param.shape) != tuple(loaded_weight.shape):
+        raise ShapeMismatchError(f"shape {tuple(loaded_weight.shape)} does not fit "
+                                 f"{tuple(param.shape)}")
+    param.data.copy_(loaded_weight)
 
 
 def uses_weight_loaders(model: nn.Module) -> bool:

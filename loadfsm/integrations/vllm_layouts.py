@@ -15,11 +15,9 @@ from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVPar
 from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
 
 from ..pieces import rows
+from ..quant.kv_cache import VLLM_KV_SCALES
 from . import vllm_fp8  # noqa: F401  (vLLM's FP8 layouts register with the handler)
 from .engine_shards import LoaderShard, register_buffer_init, register_shard_layout
-
-# vLLM's per-layer attention scales: 1.0 unless an FP8-KV checkpoint carries them.
-ATTENTION_SCALES = ("_k_scale", "_v_scale", "_q_scale", "_prob_scale")
 
 
 def _fused_rows(module, shards: list[tuple[object, int]]) -> list[LoaderShard]:
@@ -55,7 +53,7 @@ def _experts(m: RoutedExperts) -> list[LoaderShard]:
 
 @register_shard_layout(Attention)
 def _attention(m: Attention) -> list[LoaderShard]:
-    return [LoaderShard(name, None, optional=True) for name in ATTENTION_SCALES
+    return [LoaderShard(name, None, optional=True) for name in VLLM_KV_SCALES
             if name in m._buffers]
 
 

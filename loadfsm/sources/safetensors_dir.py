@@ -55,15 +55,11 @@ class SafetensorsSource:
             entries: dict[str, TensorEntry] = {}
             for path in self._files:
                 file = str(path)
-                tensors = self._open(file).tensors
-                for name, info in sorted(tensors.items()):   # name order, as safetensors
+                for name, entry in self._open(file).tensors.items():   # in name order
                     if name in entries:
                         raise DuplicateWeightError("tensor appears in two files", tensor=name,
                                                    file=f"{entries[name].file} and {file}")
-                    if info.dtype is None:
-                        raise CorruptCheckpointError(f"unsupported dtype {info.dtype_name}",
-                                                     tensor=name, file=file)
-                    entries[name] = TensorEntry(name, info.shape, info.dtype, file)
+                    entries[name] = entry
             for name, file in self._index.items():
                 if name in entries and entries[name].file != file:
                     raise CorruptCheckpointError(

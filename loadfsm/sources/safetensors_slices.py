@@ -122,7 +122,7 @@ class SafetensorsWeights:
         out = torch.empty(math.prod(s.stop - s.start for s in index) * itemsize,
                           dtype=torch.uint8)
         shard = self._source.shard(name)
-        base = shard.tensors[name].start
+        base = shard.offsets[name]
         for i, at in enumerate(itertools.product(*outer)):
             first = sum(a * strides[d] for d, a in enumerate(at)) + index[last].start * inner
             shard.read_range(name, base + first * itemsize,
@@ -134,7 +134,7 @@ class SafetensorsWeights:
         shard = self._source.shard(name)
         row_bytes = math.prod(entry.shape[1:]) * entry.dtype.itemsize
         out = torch.empty((rows.stop - rows.start) * row_bytes, dtype=torch.uint8)
-        shard.read_range(name, shard.tensors[name].start + rows.start * row_bytes, out)
+        shard.read_range(name, shard.offsets[name] + rows.start * row_bytes, out)
         return out.view(entry.dtype).view(rows.stop - rows.start, *entry.shape[1:])
 
 

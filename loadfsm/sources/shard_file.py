@@ -18,40 +18,25 @@ import json
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointChangedError, CorruptCheckpointError, UnsafeCheckpointPathError
+from ..plan import TensorEntry
 from .checkpoint_files import open_regular
+from .dtypes import DTYPES, ITEMSIZES
 
 MAX_HEADER_BYTES = 100_000_000   # the limit safetensors itself enforces
 READ_THREADS = min(16, os.cpu_count() or 1)   # 16 reach ~40 GB/s from the page cache (H200 host)
 MIN_CHUNK_BYTES = 1 << 20        # smaller reads are not worth a thread hand-off
 
-DTYPES = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
-    "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-    "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-_ITEMSIZE = {"U16": 2, "U32": 4, "U64": 8, "F8_E8M0": 1, "C64": 8}   # valid, not loadable
-
-
-@dataclass(frozen=True)
-class HeaderEntry:
-    """One tensor of a header; ``dtype`` is ``None`` for a type loadfsm cannot load."""
-
-    dtype_name: str
-    dtype: torch.dtype | None
-    shape: tuple[int, ...]
-    start: int      # absolute file offsets
-    end: int
-
 
 class ShardFile:
     """An open safetensors file: its validated header and positional reads.
+
+    ``tensors``: what the header says of each tensor; ``offsets``: where in the file
+    each tensor's data starts.
 
     ``identity``: the ``(st_dev, st_ino)`` the file had when its path was checked; a
     file swapped in since (a symlink re-pointed outside the checkpoint) is refused.
@@ -66,7 +51,7 @@ class ShardFile:
                 raise UnsafeCheckpointPathError("file replaced after its path was checked",
                                                 file=self.path)
             self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            self.tensors = _parse_header(self._fd, st.st_size, self.path)
+            self.tensors, self.offsets = _parse_header(self._fd, st.st_size, self.path)
         except BaseException:
             os.close(self._fd)
             raise
@@ -74,8 +59,7 @@ class ShardFile:
     def read_into(self, name: str, out: torch.Tensor,
                   pool: ThreadPoolExecutor | None = None) -> None:
         """Fill the contiguous CPU uint8 tensor ``out`` with ``name``'s bytes."""
-        entry = self.tensors[name]
-        self.read_range(name, entry.start, out, pool)
+        self.read_range(name, self.offsets[name], out, pool)
 
     def read_range(self, name: str, offset: int, out: torch.Tensor,
                    pool: ThreadPoolExecutor | None = None) -> None:
@@ -125,8 +109,10 @@ class ShardFile:
             self._fd = -1
 
 
-def _parse_header(fd: int, size: int, file: str) -> dict[str, HeaderEntry]:
-    """The header's tensors, every offset checked against ``size`` and each other."""
+def _parse_header(fd: int, size: int,
+                  file: str) -> tuple[dict[str, TensorEntry], dict[str, int]]:
+    """The header's tensors and the absolute offset of each one's data, every offset
+    checked against ``size`` and each other."""
     def bad(message: str, tensor: str | None = None) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"invalid safetensors header: {message}",
                                       tensor=tensor, file=file)
@@ -146,34 +132,39 @@ def _parse_header(fd: int, size: int, file: str) -> dict[str, HeaderEntry]:
     if not isinstance(header, dict):
         raise bad(f"a JSON {type(header).__name__}, not an object")
     base, data_size = 8 + length, size - 8 - length
-    entries: dict[str, HeaderEntry] = {}
+    fields: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
     for name, info in header.items():
         if name == "__metadata__":
             if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
                 raise bad("__metadata__ must map strings to strings")
             continue
-        entries[name] = _entry(name, info, base, data_size, bad)
-    spans = sorted((e.start, e.end, n) for n, e in entries.items() if e.end > e.start)
+        fields[name] = _fields(name, info, data_size, bad)
+    spans = sorted((start, end, n) for n, (_, _, start, end) in fields.items() if end > start)
     for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
         if start < end:
             raise bad(f"data of {first!r} and {second!r} overlap", tensor=second)
-    return entries
+    tensors: dict[str, TensorEntry] = {}
+    for name, (dtype_name, shape, _, _) in sorted(fields.items()):   # name order, as safetensors
+        if dtype_name not in DTYPES:
+            raise CorruptCheckpointError(f"unsupported dtype {dtype_name}", tensor=name,
+                                         file=file)
+        tensors[name] = TensorEntry(name, shape, DTYPES[dtype_name], file)
+    return tensors, {name: base + start for name, (_, _, start, _) in fields.items()}
 
 
-def _entry(name: str, info, base: int, data_size: int, bad) -> HeaderEntry:
+def _fields(name: str, info, data_size: int, bad) -> tuple[str, tuple[int, ...], int, int]:
+    """``(dtype name, shape, start, end)`` of one header entry, offsets relative to the data."""
     if not isinstance(info, dict):
         raise bad(f"entry is a {type(info).__name__}, not an object", name)
     dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(dtype_name, str) or (dtype_name not in DTYPES
-                                           and dtype_name not in _ITEMSIZE):
+    if not isinstance(dtype_name, str) or dtype_name not in ITEMSIZES:
         raise bad(f"unknown dtype {dtype_name!r}", name)
     if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
         raise bad(f"shape {shape!r} is not a list of non-negative integers", name)
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(_is_count(n) for n in offsets) or offsets[0] > offsets[1]):
         raise bad(f"data_offsets {offsets!r} are not [start, end]", name)
-    dtype = DTYPES.get(dtype_name)
-    itemsize = dtype.itemsize if dtype is not None else _ITEMSIZE[dtype_name]
+    itemsize = ITEMSIZES[dtype_name]
     numel = 1
     for n in shape:
         numel *= n
@@ -184,7 +175,7 @@ def _entry(name: str, info, base: int, data_size: int, bad) -> HeaderEntry:
     if end > data_size:
         raise bad(f"data_offsets {offsets} run past the end of the file's "
                   f"{data_size} data bytes", name)
-    return HeaderEntry(dtype_name, dtype, tuple(shape), base + start, base + end)
+    return dtype_name, tuple(shape), start, end
 
 
 def _is_count(value) -> bool:
