@@ -17,7 +17,7 @@ from pathlib import Path
 
 import loadfsm
 import loadfsm.session
-from loadfsm.models import build_model, write_checkpoint
+from loadfsm.testing import build_model, write_checkpoint
 
 
 def _load(args, trace=None) -> float:

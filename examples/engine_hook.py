@@ -25,8 +25,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import loadfsm
-from loadfsm.models import write_checkpoint
-from loadfsm.models.engine_llama import EngineLlamaForCausalLM
+from loadfsm.testing import write_checkpoint
+from loadfsm.testing.engine_llama import EngineLlamaForCausalLM
 from loadfsm.sources.safetensors_slices import safetensors_weights
 
 # NVLink multicast can take a shared host's GPUs out of service: keep it off.
@@ -65,7 +65,7 @@ def worker(rank: int, args, ckpt: str, store: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="tiny", help="a loadfsm.models config name")
+    parser.add_argument("--config", default="tiny", help="a loadfsm.testing config name")
     parser.add_argument("--quant", default="fp8", help="fp8, fp8-channel, fp8-block or none")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
     args = parser.parse_args()

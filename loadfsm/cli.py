@@ -1,4 +1,4 @@
-"""The ``loadfsm`` command: demo, load, trace, plan, bench."""
+"""The ``loadfsm`` command: demo, load, trace, plan."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def _demo(args) -> int:
 
 def _load(args) -> int:
     from .api import load
-    from .models import build_model
+    from .testing import build_model
     model = build_model(args.model)
     report = load(model, args.path, quant=_quant(args.quant), device=args.device,
                   trace=args.trace, strict=not args.no_strict, progress=not args.json,
@@ -103,17 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--top", type=int, default=10, help="how many layers the table shows")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=_plan)
-
-    sub.add_parser("bench", help="benchmark loadfsm against the baselines "
-                                 "(loadfsm bench --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:            # bench owns its options
-        from .bench import main as bench_main
-        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -8,19 +8,10 @@ import tempfile
 import torch
 
 from .api import load
-from .models import ModelConfig, build_model, load_reference_model, write_checkpoint
-from .models.config import as_config
 from .quant.fp8 import sqnr_db
 from .session import default_device
-
-
-def naive_peak_bytes(report) -> int:
-    """Peak of load-everything-then-quantize, by the same ledger: the whole
-    full-precision model, plus the largest layer's quantized output while its
-    full-precision copy is still held (each freed right after; the kindest case)."""
-    if report.quant is None:
-        return report.bytes_read
-    return report.bytes_read + report.largest_output_bytes
+from .testing import ModelConfig, as_config, build_model, load_reference_model, write_checkpoint
+from .trace_timeline import naive_peak
 
 
 def run_demo(model: str | ModelConfig = "tiny", *, quant: str | None = "fp8", device=None,
@@ -45,7 +36,7 @@ def run_demo(model: str | ModelConfig = "tiny", *, quant: str | None = "fp8", de
         sqnr = sqnr_db(reference(tokens).float(), fp8_model(tokens).float())
     figures = report.to_dict()
     figures.pop("layer_states")
-    figures.update(model=config_name(model), naive_peak_bytes=naive_peak_bytes(report),
+    figures.update(model=config_name(model), naive_peak_bytes=naive_peak(report),
                    sqnr_db=round(sqnr, 2), load_format="dummy" if dummy else "safetensors")
     return figures
 

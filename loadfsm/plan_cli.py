@@ -90,7 +90,7 @@ def _session(path, model, hf, quant, entries) -> tuple[LoadSession, dict]:
     """The session ``load`` (or ``hf.from_pretrained``, steps H1, H2) would run, on meta,
     and the header entries it would see."""
     if not hf:
-        from .models import build_model
+        from .testing import build_model
         return LoadSession(build_model(model), quant=quant, device="meta",
                            strict=False), entries
     from .integrations.hf import build_meta_model, hf_quant, plan_session

@@ -86,9 +86,20 @@ def floor_bytes(tl: Timeline) -> int | None:
     return None
 
 
+def naive_peak(report) -> int:
+    """Peak of load-everything-then-quantize, by the same ledger: the whole
+    full-precision model, plus the largest layer's quantized output while its
+    full-precision copy is still held (each freed right after; the kindest case).
+
+    ``report`` is a ``LoadReport`` or anything with its ``quant``, ``bytes_read`` and
+    ``largest_output_bytes``."""
+    if report.quant is None:
+        return report.bytes_read
+    return report.bytes_read + report.largest_output_bytes
+
+
 def naive_peak_bytes(tl: Timeline) -> int | None:
-    """The demo's naive peak (``loadfsm.demo.naive_peak_bytes``) from ``load_complete``."""
+    """``naive_peak`` of the trace's ``load_complete`` event (None without one)."""
     if not tl.totals or tl.totals.get("bytes_read") is None:
         return None
-    from .demo import naive_peak_bytes as naive
-    return naive(SimpleNamespace(**tl.totals))
+    return naive_peak(SimpleNamespace(**tl.totals))

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from structlog.testing import capture_logs
 
 import loadfsm
-from loadfsm.models import (CONFIGS, DEFAULT_KV_SCALE, build_model, reference_state_dict,
+from loadfsm.testing import (CONFIGS, DEFAULT_KV_SCALE, build_model, reference_state_dict,
                             write_checkpoint)
 
 PLAIN = CONFIGS["tiny"]

@@ -3,7 +3,7 @@
 import json
 
 from loadfsm.cli import main
-from loadfsm.models import write_checkpoint
+from loadfsm.testing import write_checkpoint
 
 
 def test_demo_json_has_the_figures(capsys):

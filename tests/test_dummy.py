@@ -11,7 +11,7 @@ from structlog.testing import capture_logs
 
 import loadfsm
 from loadfsm.cli import main as cli_main
-from loadfsm.models import CONFIGS, build_model
+from loadfsm.testing import CONFIGS, build_model
 from loadfsm.quant.linear import Fp8Linear, Fp8StackedExperts
 
 # A config whose attention round-trips q/k/v through fp8 with its kv-cache scales.

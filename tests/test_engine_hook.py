@@ -10,9 +10,9 @@ from structlog.testing import capture_logs
 from torch import nn
 
 import loadfsm
-from loadfsm.models import CONFIGS, build_model, write_checkpoint
-from loadfsm.models.engine_layers import QKVParallelLinear
-from loadfsm.models.engine_llama import EngineLlamaForCausalLM
+from loadfsm.testing import CONFIGS, build_model, write_checkpoint
+from loadfsm.testing.engine_layers import QKVParallelLinear
+from loadfsm.testing.engine_llama import EngineLlamaForCausalLM
 from loadfsm.sources.safetensors_slices import safetensors_weights
 
 # Padded vocab (500 -> 512 rows), fused qkv / gate_up, small enough for well under a second.
@@ -237,7 +237,7 @@ def test_lazy_slices_read_only_what_loaders_take(checkpoints):
 @pytest.mark.parametrize("quant", [None, "fp8"], ids=["bf16", "fp8"])
 def test_nan_written_by_the_engine_raises_naming_the_shard(quant):
     """NaN in one shard the engine's loader wrote raises NonFiniteWeightError naming it."""
-    from loadfsm.models import reference_state_dict
+    from loadfsm.testing import reference_state_dict
     state = reference_state_dict(SMALL)
     name = "model.layers.1.self_attn.v_proj.weight"
     state[name] = state[name].clone()

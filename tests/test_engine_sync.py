@@ -4,7 +4,7 @@ import pytest
 from structlog.testing import capture_logs
 
 import loadfsm
-from loadfsm.models import reference_state_dict, write_checkpoint
+from loadfsm.testing import reference_state_dict, write_checkpoint
 from loadfsm.sources.safetensors_slices import safetensors_weights
 from test_engine_hook import (QKV0, SMALL, SMALL_MOE, _assert_restored, _loader_snapshot,
                               engine_model)

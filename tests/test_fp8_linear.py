@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loadfsm.models.layers import StackedExperts
 from loadfsm.quant import (FP8_DTYPE, Fp8Config, Fp8Linear, Fp8StackedExperts, quantize_fp8,
                            sqnr_db)
+from loadfsm.quant.experts import StackedExperts
 
 GRANULARITIES = ["tensor", "channel", "block"]
 

@@ -9,7 +9,7 @@ import torch
 from structlog.testing import capture_logs
 
 import loadfsm
-from loadfsm.models import CONFIGS, build_model, reference_state_dict
+from loadfsm.testing import CONFIGS, build_model, reference_state_dict
 from tiny_models import round_robin
 
 

@@ -9,7 +9,7 @@ import pytest
 import loadfsm
 from loadfsm.api import run
 from loadfsm.handlers.base import Handler
-from loadfsm.models import build_model, reference_state_dict
+from loadfsm.testing import build_model, reference_state_dict
 from loadfsm.sources.base import IteratorSource
 from tiny_models import SMALL
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import loadfsm
-from loadfsm.models import build_model, write_checkpoint
+from loadfsm.testing import build_model, write_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -51,7 +51,7 @@ def test_fp8_forward_on_cuda_runs(tiny_dir):
 
 def test_nan_on_cuda_raises_naming_the_piece(tmp_path):
     """NaN in one fused piece is found by the deferred check and named on CUDA too."""
-    from loadfsm.models import reference_state_dict
+    from loadfsm.testing import reference_state_dict
     from safetensors.torch import save_file
     state = reference_state_dict("tiny")
     name = "model.layers.2.self_attn.k_proj.weight"

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from structlog.testing import capture_logs
 
 import loadfsm
-from loadfsm.models import (CONFIGS, build_model, load_reference_model, reference_state_dict,
+from loadfsm.testing import (CONFIGS, build_model, load_reference_model, reference_state_dict,
                             write_checkpoint)
 from loadfsm.quant.linear import Fp8Linear
 

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 import loadfsm
 from loadfsm.cli import main as cli_main
-from loadfsm.models import build_model, reference_state_dict
+from loadfsm.testing import build_model, reference_state_dict
 from loadfsm.plan_cli import plan_checkpoint
 from loadfsm.sources.shard_file import ShardFile
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import loadfsm
-from loadfsm.models import build_model, reference_state_dict
+from loadfsm.testing import build_model, reference_state_dict
 from tiny_models import SMALL
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import loadfsm
-from loadfsm.models import build_model, load_reference_model, write_checkpoint
+from loadfsm.testing import build_model, load_reference_model, write_checkpoint
 from loadfsm.quant.fp8 import sqnr_db
 from loadfsm.quant.linear import Fp8Linear, Fp8StackedExperts
 

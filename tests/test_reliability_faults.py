@@ -11,7 +11,7 @@ from torch import nn
 import loadfsm
 from loadfsm.atomic import deferred_interrupts
 from loadfsm.errors import ConcurrentPushError, ModelStateError
-from loadfsm.models import build_model, reference_state_dict
+from loadfsm.testing import build_model, reference_state_dict
 from loadfsm.quant.linear import Fp8Linear
 from tiny_models import SMALL
 

@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 
 import loadfsm
 import loadfsm.session
-from loadfsm.models import build_model, reference_state_dict
+from loadfsm.testing import build_model, reference_state_dict
 from tiny_models import SMALL
 
 SMALL_MOE = replace(SMALL, num_experts=4, experts_per_token=2, moe_intermediate_size=64)

@@ -9,7 +9,7 @@ from structlog.testing import capture_logs
 
 import loadfsm
 from loadfsm.api import run
-from loadfsm.models import build_model, reference_state_dict, write_checkpoint
+from loadfsm.testing import build_model, reference_state_dict, write_checkpoint
 from loadfsm.sources.base import IteratorSource
 
 GONE = "model.layers.1.self_attn.k_proj.weight"       # a piece of a fused qkv layer

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import loadfsm
-from loadfsm.models import build_model, load_reference_model, reference_state_dict
+from loadfsm.testing import build_model, load_reference_model, reference_state_dict
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

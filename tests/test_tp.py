@@ -9,8 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import loadfsm
-from loadfsm.models import CONFIGS, write_checkpoint
-from loadfsm.models.engine_llama import EngineLlamaForCausalLM
+from loadfsm.testing import CONFIGS, write_checkpoint
+from loadfsm.testing.engine_llama import EngineLlamaForCausalLM
 from loadfsm.quant.config import resolve_quant
 from loadfsm.quant.fp8 import quantize_fp8, sqnr_db
 from loadfsm.sources.safetensors_slices import safetensors_weights

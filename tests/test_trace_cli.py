@@ -10,7 +10,7 @@ import torch
 
 import loadfsm
 from loadfsm.cli import main as cli_main
-from loadfsm.models import CONFIGS, build_model, reference_state_dict
+from loadfsm.testing import CONFIGS, build_model, reference_state_dict
 from tiny_models import SMALL, round_robin
 
 # Tied and padded at once; its checkpoint carries no kv-cache scales.

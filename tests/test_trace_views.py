@@ -12,7 +12,7 @@ import torch
 
 import loadfsm
 from loadfsm.cli import main as cli_main
-from loadfsm.models import CONFIGS, build_model, reference_state_dict
+from loadfsm.testing import CONFIGS, build_model, reference_state_dict
 from loadfsm.trace_export import trace_events
 from loadfsm.trace_timeline import read_events
 
@@ -191,11 +191,10 @@ def test_plot_without_matplotlib_says_which_extra(load_trace, tmp_path, monkeypa
 
 def test_plot_lines_are_the_reports_figures(tmp_path):
     """The plot's naive peak is the demo's, and its floor is final + largest layer."""
-    from loadfsm.demo import naive_peak_bytes as demo_naive
-    from loadfsm.trace_timeline import floor_bytes, naive_peak_bytes, timeline
+    from loadfsm.trace_timeline import floor_bytes, naive_peak, naive_peak_bytes, timeline
     path = tmp_path / "t.jsonl"
     report = loadfsm.load(build_model(CONFIG), reference_state_dict(CONFIG).items(),
                           quant="fp8", device="cpu", trace=path)
     tl = timeline(read_events(path))
-    assert naive_peak_bytes(tl) == demo_naive(report) > report.peak_bytes
+    assert naive_peak_bytes(tl) == naive_peak(report) > report.peak_bytes
     assert floor_bytes(tl) == report.final_bytes + report.largest_layer_bytes

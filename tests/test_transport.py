@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import loadfsm
-from loadfsm.models import build_model, load_reference_model, reference_state_dict
+from loadfsm.testing import build_model, load_reference_model, reference_state_dict
 from loadfsm.sources.push import checkpoint_tensors
 from loadfsm.transport import SenderAbortedError, WeightReceiver, WeightSender
 from tiny_models import SMALL

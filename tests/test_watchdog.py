@@ -7,7 +7,7 @@ import pytest
 from structlog.testing import capture_logs
 
 import loadfsm
-from loadfsm.models import build_model, reference_state_dict
+from loadfsm.testing import build_model, reference_state_dict
 from loadfsm.transport import STALL_WARNING_S, WeightReceiver
 from loadfsm.watchdog import Watchdog
 from tiny_models import SMALL

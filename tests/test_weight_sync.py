@@ -9,7 +9,7 @@ from structlog.testing import capture_logs
 from torch import nn
 
 import loadfsm
-from loadfsm.models import build_model, load_reference_model, reference_state_dict
+from loadfsm.testing import build_model, load_reference_model, reference_state_dict
 from tiny_models import SMALL
 
 # Shapes small enough that every behaviour test runs in well under a second.

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import loadfsm
-from loadfsm.models import CONFIGS, build_model
+from loadfsm.testing import CONFIGS, build_model
 from loadfsm.pieces import Piece, fused_rows
 
 SMALL = replace(CONFIGS["tiny"], vocab_size=256, hidden_size=64, intermediate_size=128,

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models.layers import StackedExperts
 from ..quant.config import Fp8Config
+from ..quant.experts import StackedExperts
 from ..quant.fp8 import quantize_fp8
 from ..quant.linear import Fp8Linear, Fp8StackedExperts
 from .base import Handler, register_handler

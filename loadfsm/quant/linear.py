@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loadfsm.models.layers import StackedExperts
 from loadfsm.quant.config import Fp8Config
+from loadfsm.quant.experts import StackedExperts
 from loadfsm.quant.fp8 import (FP8_DTYPE, _quantize_with_inv, _scale_from_amax,
                                dequantize_fp8, fp8_scale_shape)
 

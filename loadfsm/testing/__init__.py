@@ -1,16 +1,18 @@
-"""Reference models: Llama-style decoders with the layer kinds real engines have.
+"""Test and demo helpers, not the library (which never imports this package).
 
-Fused q/k/v and gate/up projections, stacked MoE experts, padded vocabularies, tied
-embeddings and an attention layer with optional kv-cache scales, plus seeded bf16
-checkpoints in Hugging Face naming to load into them.
+Reference models: Llama-style decoders with the layer kinds real engines have (fused
+q/k/v and gate/up projections, stacked MoE experts, padded vocabularies, tied embeddings,
+an attention layer with optional kv-cache scales), plus seeded bf16 checkpoints in
+Hugging Face naming to load into them.
 """
 
+from ..quant.experts import StackedExperts
 from .attention import DEFAULT_KV_SCALE, Attention, RotaryEmbedding
 from .checkpoint import (ORDERS, TensorSpec, checkpoint_layout, load_reference_model,
                          reference_state_dict, write_checkpoint)
 from .config import CONFIGS, ModelConfig, as_config
 from .engine_llama import EngineLlamaForCausalLM
-from .layers import RMSNorm, StackedExperts
+from .layers import RMSNorm
 from .llama import DecoderLayer, LlamaAttention, LlamaForCausalLM, LlamaMLP, LlamaModel
 from .moe import MoEForCausalLM, SparseMoeBlock
 from .registry import MODEL_NAMES, build_model, model_class

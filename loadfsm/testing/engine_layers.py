@@ -20,9 +20,9 @@ from torch import nn
 from ..integrations.engine_shards import LoaderShard, register_shard_layout
 from ..integrations.tp import all_gather_last, all_reduce, tp_rank_size
 from ..pieces import rows
+from ..quant.experts import StackedExperts
 from ..quant.linear import fp8_matmul
 from .attention import Attention
-from .layers import StackedExperts
 
 
 def default_weight_loader(param: nn.Parameter, loaded_weight) -> None:

@@ -1,4 +1,6 @@
-"""``loadfsm bench``: loadfsm against the baselines, side by side in one run.
+"""Load benchmark: loadfsm against the baselines, side by side in one run.
+
+    python benchmarks/load_bench.py [--model llama-8b-4l] [--device cuda] [--repeat 3]
 
 Methods, each on the same checkpoint, page cache warmed first, repeated and
 interleaved so drift hits all alike:
@@ -23,13 +25,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .api import load
-from .models import build_model, write_checkpoint
-from .models.config import as_config
-from .quant.config import resolve_quant
-from .quant.fp8 import quantize_fp8
-from .quant.linear import Fp8Linear
-from .session import default_device
+from loadfsm.api import load
+from loadfsm.quant.config import resolve_quant
+from loadfsm.quant.fp8 import quantize_fp8
+from loadfsm.quant.linear import Fp8Linear
+from loadfsm.session import default_device
+from loadfsm.testing import as_config, build_model, write_checkpoint
 
 
 def _files(path: Path) -> list[Path]:
@@ -163,7 +164,7 @@ def format_result(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="loadfsm bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="benchmarks/load_bench.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="reference model (llama-8b-4l on GPU)")
     parser.add_argument("--dir", default=None, help="checkpoint dir (written if empty)")
@@ -186,3 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                        label=f"{args.model} ({model.num_layers} layers)")
     print(json.dumps(result) if args.json else format_result(result))
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from ..pieces import Piece, fused_rows
+from ..quant.experts import StackedExperts
 from .config import ModelConfig
-from .layers import StackedExperts, moe_forward
+from .layers import moe_forward
 from .llama import LlamaForCausalLM
 
 

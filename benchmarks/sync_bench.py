@@ -1,5 +1,7 @@
 """Weight-push benchmark, baselines side by side in one run.
 
+    python benchmarks/sync_bench.py [--model llama-8b-4l] [--transport gloo|nccl]
+
 In-process (weights already on the device):
   push        WeightSync.push of every checkpoint tensor: requantize in place
   copy        a plain ``copy_`` of the same bytes into same-sized bf16 tensors
@@ -23,12 +25,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .api import load, planned_entries
-from .models import build_model
-from .quant.config import resolve_quant
-from .quant.fp8 import quantize_fp8_reference
-from .session import LoadSession, default_device
-from .sync import WeightSync
+from loadfsm.api import load, planned_entries
+from loadfsm.quant.config import resolve_quant
+from loadfsm.quant.fp8 import quantize_fp8_reference
+from loadfsm.session import LoadSession, default_device
+from loadfsm.sync import WeightSync
+from loadfsm.testing import build_model
 
 
 def _sync(device) -> None:
@@ -83,7 +85,7 @@ def bench_in_process(model_name: str, device, quant: str, repeat: int) -> dict:
 
 
 def _transport_worker(rank: int, world: int, args: dict, init_file: str, out_file: str):
-    from .transport import WeightReceiver, WeightSender
+    from loadfsm.transport import WeightReceiver, WeightSender
     backend = args["backend"]
     if backend == "nccl":
         torch.cuda.set_device(rank)
@@ -133,7 +135,7 @@ def bench_transport(model_name: str, quant: str, backend: str, bucket_mb: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadfsm.bench_sync", description=__doc__,
+    parser = argparse.ArgumentParser(prog="benchmarks/sync_bench.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--device", default=None)
