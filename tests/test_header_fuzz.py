@@ -13,6 +13,7 @@ from torch import nn
 
 import loadfsm
 from loadfsm.errors import LoadError
+from loadfsm.sources.checkpoint_files import INDEX_NAME
 
 STATE = {"0.weight": torch.randn(4, 4), "0.bias": torch.randn(4),
          "1.weight": torch.randn(2, 4), "1.bias": torch.randn(2)}
@@ -157,7 +158,7 @@ def test_fuzzed_index_files(tmp_path, weight_map, wrap):
         save_file({k: torch.full_like(v, 7.0) for k, v in STATE.items()},
                   str(tmp_path / "other" / "model.safetensors"))
     body = {"weight_map": weight_map} if wrap else weight_map
-    (ckpt / "model.safetensors.index.json").write_text(json.dumps(body))
+    (ckpt / INDEX_NAME).write_text(json.dumps(body))
     m = model()
     try:
         loadfsm.load(m, ckpt, device="cpu")

@@ -19,6 +19,7 @@ import loadfsm.hf  # noqa: E402
 from loadfsm.integrations.hf_experts import Fp8Experts  # noqa: E402
 from loadfsm.quant.fp8 import sqnr_db  # noqa: E402
 from loadfsm.quant.linear import Fp8Linear  # noqa: E402
+from loadfsm.sources.checkpoint_files import INDEX_NAME  # noqa: E402
 
 _SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=256)
 _DECODER = dict(_SMALL, num_key_value_heads=2, max_position_embeddings=128)
@@ -49,7 +50,7 @@ def checkpoints(tmp_path_factory):
         torch.manual_seed(0)
         model = auto.from_config(make_config(), dtype=torch.bfloat16)
         model.save_pretrained(root / name, max_shard_size="100KB")
-        assert (root / name / "model.safetensors.index.json").exists()
+        assert (root / name / INDEX_NAME).exists()
         paths[name] = root / name
     return paths
 
@@ -68,7 +69,7 @@ def _output(model, name):
 def _rewrite(src, dst, drop=(), add=None):
     """Copy a sharded checkpoint without the tensors ``drop``, with ``add`` in its first shard."""
     shutil.copytree(src, dst)
-    index_file = dst / "model.safetensors.index.json"
+    index_file = dst / INDEX_NAME
     index = json.loads(index_file.read_text())
     files = sorted(set(index["weight_map"].values()))
     for file in files:

@@ -17,6 +17,7 @@ import loadfsm
 from loadfsm.errors import (BadWeightItemError, CorruptCheckpointError,
                             TraceOverwritesInputError, UnsafeCheckpointPathError,
                             UnsupportedDeviceError)
+from loadfsm.sources.checkpoint_files import INDEX_NAME
 from loadfsm.sources.safetensors_dir import SafetensorsSource
 
 STATE = {"0.weight": torch.randn(8, 8), "0.bias": torch.randn(8),
@@ -47,7 +48,7 @@ def shards(directory, index=INDEX, first="a.safetensors"):
     save_file(FIRST, str(directory / first))
     save_file(SECOND, str(directory / "b.safetensors"))
     if index is not None:
-        (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+        (directory / INDEX_NAME).write_text(json.dumps({"weight_map": index}))
     return directory
 
 
@@ -113,7 +114,7 @@ def test_symlinks_inside_the_directory_and_the_hub_cache_layout_load(tmp_path):
     shards(repo / "blobs")
     snapshot = repo / "snapshots" / "abc"
     snapshot.mkdir(parents=True)
-    for name in ("a.safetensors", "b.safetensors", "model.safetensors.index.json"):
+    for name in ("a.safetensors", "b.safetensors", INDEX_NAME):
         (snapshot / name).symlink_to(os.path.join("..", "..", "blobs", name))
     assert_loaded(load(snapshot))
 
@@ -158,7 +159,7 @@ def test_fifo_is_refused_without_blocking(tmp_path, unblock, where):
     else:
         ckpt = shards(tmp_path / "ckpt", None if where == "glob" else
                       {**INDEX, "1.bias": "c.safetensors"})
-        fifo = ckpt / ("model.safetensors.index.json" if where == "as_index" else "c.safetensors")
+        fifo = ckpt / (INDEX_NAME if where == "as_index" else "c.safetensors")
         if where == "as_index":
             fifo.unlink()
     os.mkfifo(fifo)
@@ -181,17 +182,17 @@ def test_fifo_is_refused_without_blocking(tmp_path, unblock, where):
 def test_malformed_index_values_raise_typed_errors(tmp_path, index, match):
     ckpt = shards(tmp_path / "ckpt", None)
     text = index if isinstance(index, str) else json.dumps(index)
-    (ckpt / "model.safetensors.index.json").write_text(text)
+    (ckpt / INDEX_NAME).write_text(text)
     with pytest.raises(CorruptCheckpointError, match=match) as err:
         load(ckpt)
-    assert err.value.file == str(ckpt / "model.safetensors.index.json")
+    assert err.value.file == str(ckpt / INDEX_NAME)
 
 
 def digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("target", ["model.safetensors.index.json", "b.safetensors", "single"])
+@pytest.mark.parametrize("target", [INDEX_NAME, "b.safetensors", "single"])
 def test_trace_naming_an_input_is_refused_before_writing(tmp_path, target):
     ckpt = shards(tmp_path / "ckpt")
     if target == "single":

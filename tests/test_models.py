@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from loadfsm.sources.checkpoint_files import INDEX_NAME
 from loadfsm.testing import (MODEL_NAMES, ORDERS, LlamaForCausalLM, ModelConfig, MoEForCausalLM,
                             RotaryEmbedding, build_model, checkpoint_layout,
                             load_reference_model, reference_state_dict, write_checkpoint)
-from loadfsm.testing.checkpoint import INDEX_NAME
 
 TINY = ["tiny", "tiny-moe", "tiny-tied", "tiny-padded"]
 KV_SCALES = dataclasses.replace(ModelConfig.from_name("tiny"), kv_cache_scales=True)

@@ -9,8 +9,9 @@ from structlog.testing import capture_logs
 
 import loadfsm
 from loadfsm.api import run
-from loadfsm.testing import build_model, reference_state_dict, write_checkpoint
 from loadfsm.sources.base import IteratorSource
+from loadfsm.sources.checkpoint_files import INDEX_NAME
+from loadfsm.testing import build_model, reference_state_dict, write_checkpoint
 
 GONE = "model.layers.1.self_attn.k_proj.weight"       # a piece of a fused qkv layer
 GONE_LAYER = "model.layers.1.self_attn.qkv_proj"
@@ -19,7 +20,7 @@ EXTRA = ["zzz.bias", "aaa.weight", "model.layers.0.mlp.extra"]
 
 def _drop_from_shard(directory, name):
     """Remove ``name`` from the shard holding it; the index still names that shard."""
-    weight_map = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
+    weight_map = json.loads((directory / INDEX_NAME).read_text())["weight_map"]
     shard = directory / weight_map[name]
     state = load_file(shard)
     del state[name]

@@ -17,6 +17,7 @@ from typing import Iterator
 
 import torch
 
+from ..ledger import nbytes
 from .safetensors_dir import SafetensorsSource
 
 MAX_BLOCKS = 4096   # beyond this many contiguous runs, read whole rows and index them
@@ -103,7 +104,7 @@ class SafetensorsWeights:
             tensor = self._source.read_tensor(name)
         else:
             tensor = self._read_region(name, index)
-        self.bytes_read += tensor.numel() * tensor.element_size()
+        self.bytes_read += nbytes(tensor)
         return tensor
 
     def _read_region(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:

@@ -7,8 +7,9 @@ Hugging Face naming to load into them.
 """
 
 from ..quant.experts import StackedExperts
-from .attention import DEFAULT_KV_SCALE, Attention, RotaryEmbedding
-from .checkpoint import (ORDERS, TensorSpec, checkpoint_layout, load_reference_model,
+from ..quant.kv_cache import DEFAULT_KV_SCALE
+from .attention import Attention, RotaryEmbedding
+from .checkpoint import (ORDERS, checkpoint_layout, load_reference_model,
                          reference_state_dict, write_checkpoint)
 from .config import CONFIGS, ModelConfig, as_config
 from .engine_llama import EngineLlamaForCausalLM
@@ -22,6 +23,6 @@ __all__ = [
     "LlamaAttention",
     "LlamaForCausalLM", "LlamaMLP", "LlamaModel", "MODEL_NAMES", "MoEForCausalLM",
     "ModelConfig", "ORDERS", "RMSNorm", "RotaryEmbedding", "SparseMoeBlock",
-    "StackedExperts", "TensorSpec", "as_config", "build_model", "checkpoint_layout",
+    "StackedExperts", "as_config", "build_model", "checkpoint_layout",
     "load_reference_model", "model_class", "reference_state_dict", "write_checkpoint",
 ]

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DEFAULT_KV_SCALE = 1.0
-_FP8 = torch.float8_e4m3fn
+from ..quant.fp8 import FP8_DTYPE, FP8_MAX
+from ..quant.kv_cache import CHECKPOINT_KV_SCALES, DEFAULT_KV_SCALE
 
 
 class RotaryEmbedding(nn.Module):
@@ -54,8 +54,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def _fp8_roundtrip(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     # What an FP8 cache stores (x / scale in e4m3) and what attention reads back.
-    fmax = torch.finfo(_FP8).max
-    stored = (x.float() / scale).clamp(-fmax, fmax).to(_FP8)
+    stored = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return (stored.float() * scale).to(x.dtype)
 
 
@@ -78,7 +77,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.fp8_kv_cache = fp8_kv_cache
-        for name in ("k_scale", "v_scale", "q_scale"):
+        for name in CHECKPOINT_KV_SCALES:
             scale = torch.full((), DEFAULT_KV_SCALE, dtype=torch.float32)
             setattr(self, name, nn.Parameter(scale, requires_grad=False))
 

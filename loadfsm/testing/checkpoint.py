@@ -19,37 +19,29 @@ import os
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..ledger import nbytes
 from ..pieces import Piece
+from ..plan import TensorEntry
+from ..quant.kv_cache import CHECKPOINT_KV_SCALES, DEFAULT_KV_SCALE
 from ..sources.checkpoint_files import INDEX_NAME
-from .attention import DEFAULT_KV_SCALE, RotaryEmbedding
+from ..sources.dtypes import NAMES
+from .attention import RotaryEmbedding
 from .config import ModelConfig, as_config
 from .registry import build_model
 
 ORDERS = ("model", "reversed", "shuffled", "interleaved")
 
-_ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+def _bf16(name: str, shape: tuple[int, ...]) -> TensorEntry:
+    return TensorEntry(name, shape, torch.bfloat16)
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """Name, shape and dtype of one checkpoint tensor."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype = torch.bfloat16
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
-def checkpoint_layout(config: ModelConfig | str) -> list[TensorSpec]:
+def checkpoint_layout(config: ModelConfig | str) -> list[TensorEntry]:
     """Every tensor of the config's bf16 checkpoint, in model order.
 
     Kv-cache scales (present only with ``kv_cache_scales``) are float32 scalars,
@@ -57,40 +49,40 @@ def checkpoint_layout(config: ModelConfig | str) -> list[TensorSpec]:
     """
     cfg = as_config(config)
     H, D = cfg.hidden_size, cfg.head_dim
-    specs = [TensorSpec("model.embed_tokens.weight", (cfg.vocab_size, H))]
+    specs = [_bf16("model.embed_tokens.weight", (cfg.vocab_size, H))]
     for i in range(cfg.num_layers):
         layer = f"model.layers.{i}."
         attn, mlp = f"{layer}self_attn.", f"{layer}mlp."
         specs += [
-            TensorSpec(f"{layer}input_layernorm.weight", (H,)),
-            TensorSpec(f"{attn}q_proj.weight", (cfg.num_heads * D, H)),
-            TensorSpec(f"{attn}k_proj.weight", (cfg.num_kv_heads * D, H)),
-            TensorSpec(f"{attn}v_proj.weight", (cfg.num_kv_heads * D, H)),
-            TensorSpec(f"{attn}o_proj.weight", (H, cfg.num_heads * D)),
+            _bf16(f"{layer}input_layernorm.weight", (H,)),
+            _bf16(f"{attn}q_proj.weight", (cfg.num_heads * D, H)),
+            _bf16(f"{attn}k_proj.weight", (cfg.num_kv_heads * D, H)),
+            _bf16(f"{attn}v_proj.weight", (cfg.num_kv_heads * D, H)),
+            _bf16(f"{attn}o_proj.weight", (H, cfg.num_heads * D)),
         ]
         if cfg.kv_cache_scales:
-            specs += [TensorSpec(f"{attn}{name}", (), torch.float32)
-                      for name in ("k_scale", "v_scale", "q_scale")]
-        specs.append(TensorSpec(f"{layer}post_attention_layernorm.weight", (H,)))
+            specs += [TensorEntry(f"{attn}{name}", (), torch.float32)
+                      for name in CHECKPOINT_KV_SCALES]
+        specs.append(_bf16(f"{layer}post_attention_layernorm.weight", (H,)))
         if cfg.is_moe:
             I = cfg.moe_intermediate_size
-            specs.append(TensorSpec(f"{mlp}gate.weight", (cfg.num_experts, H)))
+            specs.append(_bf16(f"{mlp}gate.weight", (cfg.num_experts, H)))
             for e in range(cfg.num_experts):
-                specs += [TensorSpec(f"{mlp}experts.{e}.gate_proj.weight", (I, H)),
-                          TensorSpec(f"{mlp}experts.{e}.up_proj.weight", (I, H)),
-                          TensorSpec(f"{mlp}experts.{e}.down_proj.weight", (H, I))]
+                specs += [_bf16(f"{mlp}experts.{e}.gate_proj.weight", (I, H)),
+                          _bf16(f"{mlp}experts.{e}.up_proj.weight", (I, H)),
+                          _bf16(f"{mlp}experts.{e}.down_proj.weight", (H, I))]
         else:
             I = cfg.intermediate_size
-            specs += [TensorSpec(f"{mlp}gate_proj.weight", (I, H)),
-                      TensorSpec(f"{mlp}up_proj.weight", (I, H)),
-                      TensorSpec(f"{mlp}down_proj.weight", (H, I))]
-    specs.append(TensorSpec("model.norm.weight", (H,)))
+            specs += [_bf16(f"{mlp}gate_proj.weight", (I, H)),
+                      _bf16(f"{mlp}up_proj.weight", (I, H)),
+                      _bf16(f"{mlp}down_proj.weight", (H, I))]
+    specs.append(_bf16("model.norm.weight", (H,)))
     if not cfg.tie_embeddings:
-        specs.append(TensorSpec("lm_head.weight", (cfg.vocab_size, H)))
+        specs.append(_bf16("lm_head.weight", (cfg.vocab_size, H)))
     return specs
 
 
-def _generate(spec: TensorSpec, seed: int, num_layers: int = 1) -> torch.Tensor:
+def _generate(spec: TensorEntry, seed: int, num_layers: int = 1) -> torch.Tensor:
     """Values shaped like a trained model's, so quantization error is judged fairly.
 
     Matrices get per-row magnitudes spread over about 0.5x-2x (trained rows differ,
@@ -176,8 +168,8 @@ def write_checkpoint(config: ModelConfig | str, directory: str | Path, *, seed: 
     return directory
 
 
-def _plan_shards(specs: list[TensorSpec], order: str, max_shard_bytes: int,
-                 seed: int) -> list[list[TensorSpec]]:
+def _plan_shards(specs: list[TensorEntry], order: str, max_shard_bytes: int,
+                 seed: int) -> list[list[TensorEntry]]:
     if order == "interleaved":
         total = sum(spec.nbytes for spec in specs)
         n = min(len(specs), max(2, -(-total // max_shard_bytes)))
@@ -197,14 +189,14 @@ def _plan_shards(specs: list[TensorSpec], order: str, max_shard_bytes: int,
     return shards
 
 
-def _write_safetensors(path: Path, specs: list[TensorSpec], seed: int,
+def _write_safetensors(path: Path, specs: list[TensorEntry], seed: int,
                        num_layers: int) -> None:
     # Written by hand rather than with safetensors.save_file, which holds every
     # tensor at once and sorts the data; here the data follows ``specs`` in order.
     header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for spec in specs:
-        header[spec.name] = {"dtype": _ST_DTYPES[spec.dtype], "shape": list(spec.shape),
+        header[spec.name] = {"dtype": NAMES[spec.dtype], "shape": list(spec.shape),
                              "data_offsets": [offset, offset + spec.nbytes]}
         offset += spec.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -219,7 +211,7 @@ def _write_safetensors(path: Path, specs: list[TensorSpec], seed: int,
 def _raw_bytes(tensor: torch.Tensor) -> bytes:
     """A CPU tensor's bytes as stored, without numpy (not a dependency of loadfsm)."""
     tensor = tensor.contiguous()
-    return ctypes.string_at(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+    return ctypes.string_at(tensor.data_ptr(), nbytes(tensor))
 
 
 def load_reference_model(config: ModelConfig | str, seed: int = 0,

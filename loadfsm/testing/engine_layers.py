@@ -17,19 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..integrations.engine_shards import LoaderShard, register_shard_layout
+from ..integrations.engine_shards import (LoaderShard, default_weight_loader,
+                                          register_shard_layout)
 from ..integrations.tp import all_gather_last, all_reduce, tp_rank_size
 from ..pieces import rows
 from ..quant.experts import StackedExperts
+from ..quant.kv_cache import CHECKPOINT_KV_SCALES
 from ..quant.linear import fp8_matmul
 from .attention import Attention
-
-
-def default_weight_loader(param: nn.Parameter, loaded_weight) -> None:
-    """The engine's loader for parameters that set none: the whole tensor."""
-    if tuple(param.shape) != tuple(loaded_weight.shape):
-        raise ValueError(f"shape {tuple(loaded_weight.shape)} does not fit {tuple(param.shape)}")
-    param.data.copy_(loaded_weight)
 
 
 def _param(shape, dtype, loader, **attrs) -> nn.Parameter:
@@ -47,7 +42,7 @@ def _fp8_param(tensor: torch.Tensor) -> nn.Parameter:
 @register_shard_layout(Attention)
 def _attention_scales(module: Attention):
     # Kv-cache scales: FP8-KV checkpoints carry them, bf16 ones do not (default 1.0).
-    return [LoaderShard(name, None, optional=True) for name in ("k_scale", "v_scale", "q_scale")]
+    return [LoaderShard(name, None, optional=True) for name in CHECKPOINT_KV_SCALES]
 
 
 class LinearBase(nn.Module):

@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..integrations.engine_shards import default_weight_loader
 from .attention import Attention, RotaryEmbedding
 from .config import ModelConfig, as_config
 from .engine_layers import (FusedMoE, MergedColumnParallelLinear,
                             ParallelLMHead, QKVParallelLinear, ReplicatedLinear,
-                            RowParallelLinear, VocabParallelEmbedding, default_weight_loader)
+                            RowParallelLinear, VocabParallelEmbedding)
 from .layers import RMSNorm, moe_forward
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..pieces import Piece, fused_rows, rows
+from ..quant.kv_cache import CHECKPOINT_KV_SCALES
 from .attention import Attention, RotaryEmbedding
 from .config import ModelConfig
 from .layers import RMSNorm
@@ -57,7 +58,7 @@ class LlamaAttention(nn.Module):
         ])
         # FP8-KV checkpoints name the scales after self_attn; bf16 ones lack them.
         pieces += [Piece(f"{prefix}{name}", f"{prefix}attn.{name}", optional=True)
-                   for name in ("k_scale", "v_scale", "q_scale")]
+                   for name in CHECKPOINT_KV_SCALES]
         return pieces
 
 
