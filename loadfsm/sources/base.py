@@ -26,6 +26,10 @@ class Source(Protocol):
 
     def read(self, order: Iterable[str] | None) -> Iterator[tuple[str, torch.Tensor]]: ...
 
+    def file_of(self, name: str) -> str | None:
+        """The file holding ``name``, for error messages (``None`` when there is none)."""
+        ...
+
     def close(self) -> None: ...
 
 
