@@ -29,7 +29,7 @@ from loadfsm.api import load
 from loadfsm.quant.config import resolve_quant
 from loadfsm.quant.fp8 import quantize_fp8
 from loadfsm.quant.linear import Fp8Linear
-from loadfsm.session import default_device
+from loadfsm.loading import default_device
 from loadfsm.testing import as_config, build_model, write_checkpoint
 
 

@@ -28,7 +28,8 @@ import torch.multiprocessing as mp
 from loadfsm.api import load, planned_entries
 from loadfsm.quant.config import resolve_quant
 from loadfsm.quant.fp8 import quantize_fp8_reference
-from loadfsm.session import LoadSession, default_device
+from loadfsm import LoadSession
+from loadfsm.loading import default_device
 from loadfsm.sync import WeightSync
 from loadfsm.testing import build_model
 
@@ -85,7 +86,7 @@ def bench_in_process(model_name: str, device, quant: str, repeat: int) -> dict:
 
 
 def _transport_worker(rank: int, world: int, args: dict, init_file: str, out_file: str):
-    from loadfsm.transport import WeightReceiver, WeightSender
+    from loadfsm.reload.transport import WeightReceiver, WeightSender
     backend = args["backend"]
     if backend == "nccl":
         torch.cuda.set_device(rank)

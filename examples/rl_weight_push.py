@@ -23,8 +23,8 @@ import torch.multiprocessing as mp
 
 import loadfsm
 from loadfsm.testing import build_model, load_reference_model, reference_state_dict
-from loadfsm.sources.push import checkpoint_tensors
-from loadfsm.transport import WeightReceiver, WeightSender
+from loadfsm.reload.routes import checkpoint_tensors
+from loadfsm import WeightReceiver, WeightSender
 
 # NVLink multicast can take a shared host's GPUs out of service: keep it off.
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")

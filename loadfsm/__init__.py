@@ -16,6 +16,7 @@ from .errors import (BadWeightItemError, CheckpointChangedError, TraceOverwrites
                      UnsafeCheckpointPathError, UnsupportedDeviceError)
 from .integrations.engine import ShardWriteError, UnknownShardError
 from .quant.config import Fp8Config
+from .reload.transport import WeightReceiver, WeightSender
 from .report import LoadReport
 from .session import LoadSession
 from .states import LayerState
@@ -27,6 +28,7 @@ __all__ = [
     "DuplicateWeightError", "ShapeMismatchError", "DtypeMismatchError",
     "NonFiniteWeightError", "IncompleteLoadError", "PushError", "WeightSync", "SyncReport",
     "UnknownShardError", "ShardWriteError", "ConcurrentPushError", "ModelStateError",
+    "WeightSender", "WeightReceiver",
 ]
 __all__ += ["UnsafeCheckpointPathError", "CheckpointChangedError", "TraceOverwritesInputError",
             "BadWeightItemError", "UnsupportedDeviceError"]

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedDeviceError
-from .plan import TensorEntry, expected_shape
+from .loading.drive import planned_entries, run
+from .loading.session import default_device
 from .report import LoadReport
-from .session import LoadSession, default_device
+from .session import LoadSession
 from .watchdog import Watchdog
 from .sources.base import IteratorSource
 from .sources.checkpoint_files import refuse_overwrite
@@ -77,20 +78,6 @@ def load(model: nn.Module, source: str | Path | Iterable | None, *, quant=None,
             bar.close()
 
 
-def run(session: LoadSession, source) -> LoadReport:
-    """Drive a session from a source to its report."""
-    session.file_of = source.file_of
-    try:
-        entries = source.entries()
-        order = session.match(entries, source.index()) if entries is not None else None
-        for name, tensor in source.read(order):
-            session.arrive(name, tensor)
-        return session.finish()
-    except BaseException as exc:
-        session.fail(exc)          # traces load_failed; nothing unverified stays installed
-        raise
-
-
 def _checkpoint(source, load_format: str, device, trace) -> SafetensorsSource | None:
     """The checkpoint source of a path, its files resolved before the trace file is opened
     (so a trace naming one of them is refused, not truncated)."""
@@ -110,17 +97,6 @@ def _open_source(session: LoadSession, source, load_format: str, seed: int):
     if source is None:
         raise ValueError("source is None; pass a checkpoint path or load_format='dummy'")
     return IteratorSource(source)
-
-
-def planned_entries(session: LoadSession) -> dict[str, TensorEntry]:
-    """Every required piece as a header entry: what a perfect checkpoint would hold."""
-    entries = {}
-    for rec in session.plan.layers.values():
-        for name, piece in rec.pieces.items():
-            if not piece.optional:
-                slot = rec.slots[rec.slot_attr(piece.param)]
-                entries[name] = TensorEntry(name, expected_shape(rec, piece), slot.dtype)
-    return entries
 
 
 def _progress_bar(enabled: bool, layers: int):

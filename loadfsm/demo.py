@@ -9,7 +9,7 @@ import torch
 
 from .api import load
 from .quant.fp8 import sqnr_db
-from .session import default_device
+from .loading import default_device
 from .testing import ModelConfig, as_config, build_model, load_reference_model, write_checkpoint
 from .trace_timeline import naive_peak
 

@@ -8,7 +8,7 @@ its events on plain records directly: planning is O(layers), a trigger O(1).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,9 +17,6 @@ from transitions import Machine
 from .errors import IllegalTransitionError
 from .pieces import Piece
 from .states import TRANSITIONS, LayerState
-
-if TYPE_CHECKING:
-    from .handlers.base import Handler
 
 LAYER_MACHINE = Machine(model=None, states=LayerState, transitions=TRANSITIONS,
                         initial=LayerState.META, auto_transitions=False)
@@ -55,7 +52,7 @@ class LayerRecord:
 
     name: str
     module: nn.Module
-    handler: "Handler"
+    handler: Any                   # the loadfsm.handlers Handler chosen for the module
     slots: dict[str, TensorSlot]
     pieces: dict[str, Piece] = field(default_factory=dict)        # ckpt name -> piece
     missing: set[str] = field(default_factory=set)                 # ckpt names still due
@@ -64,7 +61,6 @@ class LayerRecord:
     results: dict[str, torch.Tensor] = field(default_factory=dict)  # handler output
     staging_bytes: int = 0
     final_bytes: int = 0
-    reloading: bool = False
     aliased: bool = False          # staging is the pushed tensor itself (see _can_alias)
     norms: list = field(default_factory=list)   # (ckpt names, max|x| on device) to verify
     # (tensor, FP8 values flushed to zero, nonzero inputs), counts on device, checked with norms

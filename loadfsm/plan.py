@@ -8,14 +8,13 @@ checkpoint's headers (names, shapes, dtypes) without reading tensor data.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from .errors import DtypeMismatchError, ShapeMismatchError
-from .handlers.base import Handler
 from .layer import LayerRecord, TensorSlot
 from .pieces import Piece
 
@@ -39,6 +38,17 @@ class Plan:
     layers: dict[str, LayerRecord]                 # in model order
     by_ckpt: dict[str, LayerRecord]                # checkpoint name -> layer
     tied: dict[str, str] = field(default_factory=dict)  # alias ckpt name -> canonical
+    tied_used: dict[str, str] = field(default_factory=dict)  # canonical -> alias that fed it
+
+    def rekey(self, canonical: str, alias: str) -> LayerRecord:
+        """Feed a tied tensor from its alias's checkpoint name (``lm_head.weight``)."""
+        rec = self.by_ckpt.pop(canonical)
+        rec.pieces[alias] = replace(rec.pieces.pop(canonical), ckpt_name=alias)
+        rec.missing.discard(canonical)
+        rec.missing.add(alias)
+        self.by_ckpt[alias] = rec
+        self.tied_used[canonical] = alias
+        return rec
 
 
 def _loadable(module: nn.Module):
@@ -61,10 +71,11 @@ def _loadable(module: nn.Module):
             yield attr, buf, buf.shape, buf.dtype, True
 
 
-def plan_layers(model: nn.Module, handlers: list[Handler],
+def plan_layers(model: nn.Module, choose: Callable[[str, nn.Module], Any],
                 pieces: Iterable[Piece] | None = None) -> Plan:
     """Build one ``LayerRecord`` per module that owns tensors to load. O(tensors).
 
+    ``choose(name, module)`` gives each layer's handler.
     ``pieces``, when given, replaces the model's own ``checkpoint_pieces`` (an
     integration that maps names for a model class it does not own passes them here).
     """
@@ -86,8 +97,7 @@ def plan_layers(model: nn.Module, handlers: list[Handler],
             slots[attr] = slot
         if slots:
             name = mod_name or "<root>"
-            handler = next(h for h in handlers if h.claims(mod_name, module))
-            layers[name] = LayerRecord(name, module, handler, slots)
+            layers[name] = LayerRecord(name, module, choose(mod_name, module), slots)
 
     slot_owner = {slot.full_name: (rec, slot) for rec in layers.values()
                   for slot in rec.slots.values()}

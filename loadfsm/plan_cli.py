@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .handlers.fp8 import quant_name
+import torch
+
+from .quant.config import quant_name
 from .ledger import nbytes
 from .session import LoadSession
 from .sources.safetensors_dir import SafetensorsSource
@@ -68,20 +70,20 @@ def plan_checkpoint(path: str | Path, *, model: str | None = None, hf: bool = Fa
         staging = sum(s.numel * s.dtype.itemsize for s in rec.slots.values())
         layers.append(LayerPlan(rec.name, type(rec.handler).__name__, len(rec.pieces),
                                 sum(n in entries for n in rec.pieces), staging,
-                                0 if absent else _final_bytes(rec)))
+                                0 if absent else _final_bytes(rec, session.quant)))
     return CheckpointPlan(
         str(path), quant_name(session.quant), layers, missing=missing,
-        unexpected=sorted(session.unexpected),
+        unexpected=sorted(session.driver.unexpected),
         bytes_to_read=sum(entries[n].nbytes for n in order),
         final_bytes=sum(layer.final_bytes for layer in layers),
         largest_layer_bytes=max((layer.staging_bytes for layer in layers), default=0))
 
 
-def _final_bytes(rec) -> int:
+def _final_bytes(rec, config) -> int:
     """The handler's output for ``meta`` staging: exact sizes, no data."""
-    rec.staging = rec.handler.materialize(rec)
+    rec.staging = rec.handler.materialize(rec, torch.device("meta"))
     try:
-        return sum(nbytes(t) for t in rec.handler.quantize(rec).values())
+        return sum(nbytes(t) for t in rec.handler.quantize(rec, config).values())
     finally:
         rec.staging = {}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass, field
 
 
@@ -34,3 +35,13 @@ class LoadReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Replan:
+    """What re-planning a loaded model needs besides the model itself: the load's
+    ``pieces`` (``WeightSync(model, session=report)`` uses them), and a weak reference
+    to the model it loaded (a report never keeps a model alive)."""
+
+    model: weakref.ref
+    pieces: tuple | None

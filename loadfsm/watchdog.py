@@ -58,10 +58,10 @@ class Watchdog:
             self._thread.join()
 
     def _watch(self) -> None:
-        start = self.session.arrivals
+        start = self.session.driver.arrivals
         seen, since = start, time.monotonic()
         while not self._stop.wait(self.timeout / 4):
-            count = self.session.arrivals
+            count = self.session.driver.arrivals
             if count != seen:
                 seen, since = count, time.monotonic()
             elif time.monotonic() - since >= self.timeout:
@@ -71,11 +71,12 @@ class Watchdog:
     def _warn(self, arrivals: int, quiet: float) -> bool:
         """Log the layers in flight and their missing pieces; False when there is nothing
         to say (a push with no layer waiting) or the session moved under us."""
+        driver = self.session.driver
         try:
             waiting = {rec.name: sorted(rec.missing)
-                       for rec in list(self.session.plan.layers.values())
+                       for rec in list(driver.plan.layers.values())
                        if rec.state in _WAITING and rec.missing
-                       and (rec.name in self.session.in_flight or rec.reloading)}
+                       and (rec.name in driver.in_flight or driver.reloading)}
         except RuntimeError:          # a set changed size: the session is not stuck
             return False
         if not waiting and self.what == "push":

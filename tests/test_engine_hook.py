@@ -145,7 +145,7 @@ def test_loaders_restored_when_the_load_raises(checkpoints):
         model.load_weights(failing())
     _assert_restored(snapshot)
     assert "report" not in vars(session)
-    assert session.in_flight == {} and session.ledger.staging == 0
+    assert session.driver.in_flight == {} and session.ledger.staging == 0
     assert model.model.layers[1].mlp.down_proj.weight.is_meta
 
 

@@ -68,7 +68,7 @@ def test_interleaved_iterator_frees_every_staging(mixed):
     for name, tensor in mixed:
         session.arrive(name, tensor)
     report = session.finish()
-    assert session.in_flight == {} and session.ledger.staging == 0
+    assert session.driver.in_flight == {} and session.ledger.staging == 0
     assert report.final_bytes == session.ledger.final
 
 

@@ -29,8 +29,8 @@ def staging(monkeypatch):
     refs = []
     materialize = Handler.materialize
 
-    def tracked(self, rec):
-        tensors = materialize(self, rec)
+    def tracked(self, rec, device):
+        tensors = materialize(self, rec, device)
         refs.extend(weakref.ref(t) for t in tensors.values())
         return tensors
 
@@ -39,8 +39,9 @@ def staging(monkeypatch):
 
 
 def _session_refs(session):
-    return [weakref.ref(session), *(weakref.ref(r) for r in session.plan.layers.values()),
-            *(weakref.ref(h) for h in session.handlers)]
+    parts = [session, session.plan, session.driver, session.batch, session.writer]
+    return [*(weakref.ref(p) for p in parts),
+            *(weakref.ref(r) for r in session.plan.layers.values())]
 
 
 def test_load_leaves_no_session_record_or_staging_alive(no_gc, staging):

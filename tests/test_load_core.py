@@ -173,7 +173,7 @@ def test_non_strict_reports_missing_and_unexpected(tmp_path):
 
 def test_nan_found_before_the_whole_model_is_read(tmp_path, monkeypatch):
     """With a small verification batch, a NaN in the first layers stops the load early."""
-    import loadfsm.session as session_module
+    import loadfsm.loading.finiteness as session_module
     from loadfsm.testing import build_model, reference_state_dict
     monkeypatch.setattr(session_module, "COMMIT_BYTES", 1)
     state = reference_state_dict("tiny")

@@ -89,7 +89,7 @@ CHILD = textwrap.dedent("""
     import os, sys, torch
     from torch import nn
     import loadfsm
-    from loadfsm.session import LoadSession
+    from loadfsm import LoadSession
     path, action = sys.argv[1], sys.argv[2]
     arrive = LoadSession.arrive
     def hooked(self, name, tensor):

@@ -11,6 +11,7 @@ from torch import nn
 import loadfsm
 from loadfsm.atomic import deferred_interrupts
 from loadfsm.errors import ConcurrentPushError, ModelStateError
+from loadfsm.reload.transaction import ReloadTransaction
 from loadfsm.testing import build_model, reference_state_dict
 from loadfsm.quant.linear import Fp8Linear
 from tiny_models import SMALL
@@ -72,22 +73,22 @@ def test_second_interrupt_during_rollback_leaves_the_sync_usable(kit, monkeypatc
     model = _loaded(0)
     sync = loadfsm.WeightSync(model)
     items = list(reference_state_dict(SMALL, 1).items())
-    session, real_rollback, calls = sync.session, sync.session.rollback, []
+    real_rollback, calls = ReloadTransaction.rollback, []
 
-    def rollback_then_ctrl_c(rec):
+    def rollback_then_ctrl_c(self, rec):
         calls.append(rec.name)
         if len(calls) == 1:
             signal.raise_signal(signal.SIGINT)   # the user presses Ctrl-C again
-        real_rollback(rec)
+        real_rollback(self, rec)
 
     def interrupted():
         yield from items[:-3]
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(session, "rollback", rollback_then_ctrl_c)
+    monkeypatch.setattr(ReloadTransaction, "rollback", rollback_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         sync.push(interrupted())
-    monkeypatch.setattr(session, "rollback", real_rollback)
+    monkeypatch.setattr(ReloadTransaction, "rollback", real_rollback)
     sync.push(items)
     assert all(kit.same(t, v) for t, v in zip(model.state_dict().values(),
                                                  kit.snapshot(_loaded(1)).values()))

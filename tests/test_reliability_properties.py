@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 import loadfsm
-import loadfsm.session
+import loadfsm.loading.finiteness
 from loadfsm.testing import build_model, reference_state_dict
 from tiny_models import SMALL
 
@@ -104,7 +104,7 @@ def test_push_under_faults_leaves_every_layer_whole(loaded, kit, data):
     session = sync.session
     assert all(rec.state is loadfsm.LayerState.FINALIZED and not rec.staging
                and not rec.results for rec in session.plan.layers.values())
-    assert session.ledger.staging == 0 and session.held == []
+    assert session.ledger.staging == 0 and session.batch.held == []
 
     sync.push(items)                                                  # the retry
     assert kit.layer_verdicts(model, fresh[seed], fresh[seed])
@@ -175,7 +175,7 @@ def test_first_load_under_faults_installs_only_whole_verified_layers(loaded, kit
 def _commit_bytes(n):
     """Verify (and install) every ``n`` bytes of a first load."""
     patch = pytest.MonkeyPatch()
-    patch.setattr(loadfsm.session, "COMMIT_BYTES", n)
+    patch.setattr(loadfsm.loading.finiteness, "COMMIT_BYTES", n)
     return _Undo(patch)
 
 

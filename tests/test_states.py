@@ -8,7 +8,7 @@ from torch import nn
 
 import loadfsm
 from loadfsm.layer import LayerRecord
-from loadfsm.session import LoadSession
+from loadfsm import LoadSession
 from loadfsm.states import TRANSITIONS, LayerState
 
 

@@ -134,7 +134,7 @@ def test_non_strict_iterator_incomplete_layer_keeps_no_staging():
     report = run(session, IteratorSource(stream))
     rec = session.plan.layers[GONE_LAYER]
     assert report.layer_states[GONE_LAYER] == "PARTIAL" and rec.staging == {}
-    assert GONE_LAYER not in session.in_flight and session.ledger.staging == 0
+    assert GONE_LAYER not in session.driver.in_flight and session.ledger.staging == 0
     assert model.model.layers[1].self_attn.qkv_proj.weight.is_meta
     assert report.missing == {GONE_LAYER: [GONE]}
 

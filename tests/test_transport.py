@@ -9,8 +9,8 @@ import torch.multiprocessing as mp
 
 import loadfsm
 from loadfsm.testing import build_model, load_reference_model, reference_state_dict
-from loadfsm.sources.push import checkpoint_tensors
-from loadfsm.transport import SenderAbortedError, WeightReceiver, WeightSender
+from loadfsm.reload.routes import checkpoint_tensors
+from loadfsm.reload.transport import SenderAbortedError, WeightReceiver, WeightSender
 from tiny_models import SMALL
 
 SMALL_MOE = replace(SMALL, num_experts=4, experts_per_token=2, moe_intermediate_size=64)

@@ -8,7 +8,7 @@ from structlog.testing import capture_logs
 
 import loadfsm
 from loadfsm.testing import build_model, reference_state_dict
-from loadfsm.transport import STALL_WARNING_S, WeightReceiver
+from loadfsm.reload.transport import STALL_WARNING_S, WeightReceiver
 from loadfsm.watchdog import Watchdog
 from tiny_models import SMALL
 

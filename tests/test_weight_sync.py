@@ -417,8 +417,8 @@ def test_commit_checks_every_tensor_before_copying(monkeypatch, fresh):
     old = _snapshot(model)
     real = Fp8Handler.quantize
 
-    def bad_scale(self, rec):
-        results = real(self, rec)
+    def bad_scale(self, rec, config):
+        results = real(self, rec, config)
         results["weight_scale"] = results["weight_scale"].reshape(1, -1).repeat(1, 2)
         return results
 

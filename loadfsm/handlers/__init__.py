@@ -1,6 +1,8 @@
-"""Handlers register themselves on import; importing this package registers them all."""
+"""Handlers, chosen per module by ``registry.handler_for``; importing this package
+registers the built-in ones."""
 
-from . import engine_fp8, fp8, kv_scales, passthrough  # noqa: F401
-from .base import HANDLERS, Handler, register_handler
+from . import engine_fp8, fp8, kv_scales  # noqa: F401
+from .base import Handler, Install
+from .registry import handler_for, installer_of, register_handler
 
-__all__ = ["HANDLERS", "Handler", "register_handler"]
+__all__ = ["Handler", "Install", "handler_for", "installer_of", "register_handler"]

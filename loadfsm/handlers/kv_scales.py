@@ -9,24 +9,33 @@ unless set.
 
 from __future__ import annotations
 
-from .base import Handler, register_handler
+from torch import nn
+
+from .base import Handler
+from .registry import register_handler
 
 SCALE_NAMES = ("k_scale", "v_scale", "q_scale",
                "_k_scale", "_v_scale", "_q_scale", "_prob_scale")
 DEFAULT_SCALE = 1.0
 
 
-@register_handler("kv_scales")
 class KvScalesHandler(Handler):
-    """Claims modules whose loadable tensors are all kv-cache scales."""
+    """Loads kv-cache scales, defaulting absent ones to ``DEFAULT_SCALE``."""
 
-    def claims(self, layer_name, module) -> bool:
-        own = [name for name, p in module._parameters.items() if p is not None]
-        own += [name for name, b in module._buffers.items()
-                if b is not None and name not in module._non_persistent_buffers_set]
-        return bool(own) and all(name in SCALE_NAMES for name in own)
+    name = "kv_scales"
 
     def defaults(self, rec, pieces) -> None:
         for piece in pieces:
             attr = rec.slot_attr(piece.param)
             rec.staging[attr][piece.region].fill_(DEFAULT_SCALE)
+
+
+def holds_only_kv_scales(name: str, module: nn.Module) -> bool:
+    """Modules whose loadable tensors are all kv-cache scales."""
+    own = [attr for attr, p in module._parameters.items() if p is not None]
+    own += [attr for attr, b in module._buffers.items()
+            if b is not None and attr not in module._non_persistent_buffers_set]
+    return bool(own) and all(attr in SCALE_NAMES for attr in own)
+
+
+register_handler(KvScalesHandler(), when=holds_only_kv_scales)

@@ -35,10 +35,10 @@ Reload (RL weight sync, ``WeightSync.push_with``): the engine calls ``load_weigh
 again on the loaded model. The hook then wraps the *live* parameters (FP8 and full
 precision alike) and runs the loaders the first load saw, kept in the session
 (``LoadSession.engine_loaders``), since quantized parameters carry none. Each call first
-tells the push (R1: a layer's first call fires ``reload``, FINALIZED -> META), then runs
-E2..E4 on fresh staging; the layer's last piece quantizes it and the results are
-committed in place (``sync``, P3..P5). E5 gives each live parameter back exactly the
-``weight_loader`` attribute it had before (none, for FP8 ones).
+tells the reload transaction (R1: a layer's first call fires ``reload``, FINALIZED ->
+META), then runs E2..E4 on fresh staging; the layer's last piece quantizes it and the
+results are committed in place (``loadfsm.reload``, R2..R4). E5 gives each live parameter
+back exactly the ``weight_loader`` attribute it had before (none, for FP8 ones).
 
 Tensor parallelism needs nothing here: each rank builds its model with local shapes,
 declares local shard layouts, and its loaders narrow the full checkpoint tensor (or a
@@ -51,21 +51,23 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from ..errors import DuplicateWeightError, LoadError, ShapeMismatchError
+from ..errors import DuplicateWeightError, LoadError
 from ..layer import LayerRecord
+from ..loading.planning import register_piece_provider
+from ..loading.session import LoadSession
+from ..reload.sync import SyncReport, WeightSync
+from ..reload.transaction import ReloadTransaction
 from ..states import LayerState
-from .engine_shards import ShardId, piece_name
+from .engine_shards import (ShardId, default_weight_loader, loader_pieces, piece_name,
+                            uses_weight_loaders)
 from .writes import (WriteTracker, box_index, box_text, box_within, full_box, mask_box,
                      region_box, unwritten_rows, zero_outside)
 
-if TYPE_CHECKING:
-    from ..session import LoadSession
-    from ..sync import PushProgress
 
 _SHARD_ARGS = ("shard_id", "loaded_shard_id")
 _LOADER_KEYS = ("weight_loader", "_weight_loader")
@@ -89,14 +91,6 @@ class ShardWriteError(LoadError):
         self.param, self.shard, self.rows = param, shard, rows
 
 
-def default_weight_loader(param: nn.Parameter, loaded_weight) -> None:
-    """The loader of parameters that declare none: the whole tensor, same shape."""
-    if tuple(param.shape) != tuple(loaded_weight.shape):
-        raise ShapeMismatchError(f"shape {tuple(loaded_weight.shape)} does not fit "
-                                 f"{tuple(param.shape)}")
-    param.data.copy_(loaded_weight)
-
-
 @dataclass(eq=False)
 class _Wrapped:
     """One parameter under the hook: where it goes and what to give back on exit."""
@@ -115,10 +109,10 @@ class _Wrapped:
 
 class EngineHook:
     """Turns ``weight_loader`` calls into arrivals of ``session``. Use it through
-    ``LoadSession.__enter__`` / ``__exit__`` (first load) or ``WeightSync.push_with``
-    (reload: ``push`` is the push in progress, told of every call)."""
+    ``EngineLoad`` (first load) or ``push_with`` (reload: ``push`` is the reload
+    transaction in progress, told of every call)."""
 
-    def __init__(self, session: "LoadSession", push: "PushProgress | None" = None):
+    def __init__(self, session: LoadSession, push: ReloadTransaction | None = None):
         self.session = session
         self._push = push
         self._wrapped: list[_Wrapped] = []
@@ -171,9 +165,7 @@ class EngineHook:
             live = _as_class(w.param, live.data, live.requires_grad)
             slot = w.rec.slots[w.attr]
             for full in [slot.full_name, *slot.aliases]:
-                owner, _, name = full.rpartition(".")
-                module = self.session.model.get_submodule(owner)
-                module._parameters[name] = live
+                self.session.writer.set_tensor(full, live, is_buffer=False)
         vars(live).update(w.engine_attrs)
         _give_back(live, w.original)
 
@@ -194,7 +186,7 @@ class EngineHook:
         if self._push is not None:
             self._push.begin(rec, label)                                        # R1
         names = self._names(w, shard, expert)                                  # E2
-        staging = session.stage(rec)[w.attr]                                    # E3
+        staging = session.driver.stage(rec)[w.attr]                             # E3
         target = _as_class(w.param, staging, False)     # its loader calls class methods
         vars(target).update(w.engine_attrs)
         with WriteTracker(staging) as tracker:
@@ -212,7 +204,8 @@ class EngineHook:
                                   tensor=label, layer=rec.name)
         self._check_writes(w, staging, names, tracker, shard, label)            # E4
         nbytes = sum(math.prod(rec.shapes[n]) for n in names) * staging.element_size()
-        session.arrive_in_place(rec, names, nbytes, piece=label, shard=shard, expert=expert)
+        session.driver.arrive_in_place(rec, names, nbytes, piece=label, shard=shard,
+                                       expert=expert)
         if self._push is not None:
             self._push.done(nbytes)
         return result
@@ -291,7 +284,7 @@ class EngineHook:
             raise fail(f"left {rows} of {box_text(gaps[0])} unwritten", rows=rows)
         if whole and written != full_box(shape):
             zero_outside(staging, written)     # vocab padding, a TP rank's last rows
-            if not rec.reloading:
+            if not self.session.driver.reloading:
                 self.session.tracer.event("layer_padded", layer=rec.name, tensors=[w.full],
                                           written=box_text(written))
 
@@ -322,3 +315,60 @@ def _id_params(signature: inspect.Signature | None) -> tuple[tuple[str, ...], st
     params = signature.parameters if signature is not None else {}
     return (tuple(p for p in _SHARD_ARGS if p in params),
             "expert_id" if "expert_id" in params else None)
+
+
+class EngineLoad:
+    """The engine hook as a context manager over a first load:
+    ``with EngineLoad(session): model.load_weights(weights)``; then ``session.report``.
+
+    On entry every loader is wrapped (E1). On a clean exit the held layers are installed
+    before the loaders are given back, so the engine's attributes reach the installed
+    parameters (E5), and the session finishes; on an exception it fails (nothing
+    unverified installed) and the exception goes on.
+    """
+
+    def __init__(self, session: LoadSession):
+        self.session = session
+        self._hook: EngineHook | None = None
+
+    def __enter__(self) -> LoadSession:
+        if self._hook is not None:
+            raise RuntimeError("this LoadSession is already entered")
+        self._hook = EngineHook(self.session).install()
+        return self.session
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        hook, self._hook, session = self._hook, None, self.session
+        try:
+            if exc_type is None:
+                session.commit_held()
+        except BaseException as err:
+            hook.restore()
+            session.fail(err)
+            raise
+        hook.restore()
+        if exc_type is not None:
+            session.fail(exc)
+            return
+        try:
+            session.report = session.finish()
+        except BaseException as err:
+            session.fail(err)
+            raise
+
+
+def push_with(sync: WeightSync, load: Callable[[], object]) -> SyncReport:
+    """Run an engine's own loading code as a push into ``sync``'s model, in place (see
+    ``loadfsm.WeightSync.push_with``)."""
+    def feed(push: ReloadTransaction) -> None:
+        hook = EngineHook(sync.session, push).install()
+        try:
+            with torch.no_grad():
+                load()
+        finally:
+            hook.restore()
+
+    return sync.run(feed)
+
+
+register_piece_provider(uses_weight_loaders, loader_pieces)

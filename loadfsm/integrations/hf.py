@@ -24,13 +24,13 @@ import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationConfig
 from transformers.modeling_utils import PreTrainedModel
 
-from ..api import run
+from ..loading.drive import run
+from ..loading.session import LoadSession
 from ..quant.config import Fp8Config, resolve_quant
 from ..report import LoadReport
-from ..session import LoadSession
 from ..sources.checkpoint_files import refuse_overwrite
 from ..sources.safetensors_dir import SafetensorsSource
-from .hf_experts import HfExpertsFp8Handler
+from . import hf_experts  # noqa: F401  (registers the FP8 handler of fused experts)
 from .hf_pieces import checkpoint_mapping
 
 # MoE routers stay in full precision whatever the user excludes: see ``Fp8Config.exclude``.
@@ -116,8 +116,7 @@ def plan_session(model: PreTrainedModel, entries: dict, quant: Fp8Config | None,
     transformers' conversion rules), and the checkpoint names the class ignores."""
     mapping = checkpoint_mapping(model, entries)
     session = LoadSession(model, quant=quant, device=device, trace=trace, strict=strict,
-                          pieces=mapping.pieces,
-                          handlers=() if quant is None else (HfExpertsFp8Handler.name,))
+                          pieces=mapping.pieces)
     return session, mapping.ignored
 
 

@@ -17,8 +17,10 @@ import inspect
 import torch
 from torch import nn
 
-from ..handlers.base import register_handler
-from ..handlers.fp8 import Fp8Handler
+from ..handlers.base import Install
+from ..handlers.fp8 import Fp8ExpertsHandler
+from ..handlers.registry import register_handler
+from ..quant.config import Fp8Config
 from ..quant.linear import Fp8StackedExperts
 
 _CALL = ["hidden_states", "top_k_index", "top_k_weights"]
@@ -61,23 +63,18 @@ def is_fused_experts(module: nn.Module) -> bool:
     return all(layout) and default_gate and call == _CALL
 
 
-@register_handler("hf_experts_fp8")
-class HfExpertsFp8Handler(Fp8Handler):
-    """Claims transformers' fused experts not excluded; installs ``Fp8Experts``."""
+class HfExpertsFp8Handler(Fp8ExpertsHandler):
+    """transformers' fused experts -> ``Fp8Experts`` (keeping the module's activation)."""
 
+    name = "hf_experts_fp8"
     installs = (Fp8Experts,)
+    kernel = Fp8Experts
 
-    def quantizes(self, module) -> bool:
-        return is_fused_experts(module)
+    def install(self, rec, config) -> Install:
+        install = super().install(rec, config)
+        install.module.act_fn = rec.module.act_fn
+        return install
 
-    def weight_attrs(self, rec) -> tuple[str, ...]:
-        return ("gate_up_proj", "down_proj")
 
-    def install(self, rec) -> None:
-        res = rec.results
-        new = Fp8Experts.from_quantized(
-            res["gate_up_proj"], res["gate_up_proj_scale"], res["down_proj"],
-            res["down_proj_scale"], self.session.quant,
-            out_dtype=rec.slots["gate_up_proj"].dtype)
-        new.act_fn = rec.module.act_fn
-        self.session.replace_module(rec, new)
+register_handler(HfExpertsFp8Handler(), config=Fp8Config,
+                 when=lambda name, module: is_fused_experts(module))

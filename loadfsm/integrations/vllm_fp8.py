@@ -51,10 +51,6 @@ def _check(config) -> None:
             "weight_scale_inv per 128x128 tile); use fp8 or fp8-channel")
 
 
-def _param(tensor: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(tensor, requires_grad=False)
-
-
 class DequantFp8Apply:
     """``quant_method`` of a linear holding vLLM's per-tensor or per-channel FP8 layout."""
 
@@ -75,11 +71,8 @@ def _linear_arrange(module, results: dict, config) -> dict:
             "weight_scale": scale.reshape(1) if config.granularity == "tensor" else scale}
 
 
-def _linear_install(module, results: dict, config) -> None:
-    for attr, tensor in results.items():
-        setattr(module, attr, _param(tensor))
-    module.input_scale = None
-    module.quant_method = DequantFp8Apply(config)
+def _linear_attrs(module, config) -> dict:
+    return {"input_scale": None, "quant_method": DequantFp8Apply(config)}
 
 
 def _is_router(name: str, module: nn.Module) -> bool:
@@ -88,7 +81,7 @@ def _is_router(name: str, module: nn.Module) -> bool:
 
 
 register_fp8_layout(LinearBase, Fp8Layout(
-    weights=lambda m: ("weight",), arrange=_linear_arrange, install=_linear_install,
+    weights=lambda m: ("weight",), arrange=_linear_arrange, attrs=_linear_attrs,
     skip=_is_router))
 
 
@@ -100,12 +93,10 @@ def _experts_arrange(module, results: dict, config) -> dict:
     return results
 
 
-def _experts_install(module, results: dict, config) -> None:
-    for attr, tensor in results.items():
-        setattr(module, attr, _param(tensor))
-    module.w13_input_scale = module.w2_input_scale = None
+def _experts_attrs(module, config) -> dict:
+    return {"w13_input_scale": None, "w2_input_scale": None}
 
 
 register_fp8_layout(RoutedExperts, Fp8Layout(
     weights=lambda m: ("w13_weight", "w2_weight"), arrange=_experts_arrange,
-    install=_experts_install))
+    attrs=_experts_attrs))

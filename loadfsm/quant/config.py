@@ -81,3 +81,10 @@ def resolve_quant(quant: str | Fp8Config | None) -> Fp8Config | None:
                          f"{', '.join(sorted(_QUANT_NAMES))}")
     granularity = _QUANT_NAMES[quant.lower()]
     return None if granularity is None else Fp8Config(granularity=granularity)
+
+
+def quant_name(config: Fp8Config | None) -> str | None:
+    """The ``quant=`` name of a config (``"fp8-channel"``), ``None`` for full precision."""
+    if config is None:
+        return None
+    return {"tensor": "fp8", "channel": "fp8-channel", "block": "fp8-block"}[config.granularity]

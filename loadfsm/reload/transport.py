@@ -26,9 +26,9 @@ from typing import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from .errors import LoadError, PushError
+from ..errors import LoadError, PushError
 from .sync import SyncReport, WeightSync
-from .watchdog import Watchdog
+from ..watchdog import Watchdog
 
 DEFAULT_BUCKET_BYTES = 256 << 20
 STALL_WARNING_S = 60.0       # a bucket of 256 MB takes well under a second on any link
