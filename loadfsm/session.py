@@ -13,7 +13,7 @@ integration, which registers itself with the planner.
 
 from __future__ import annotations
 
-from .integrations.engine import EngineLoad
+from .integrations.engine_load import EngineLoad
 from .loading import session as _loading
 
 

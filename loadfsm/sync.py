@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .integrations.engine import push_with
+from .integrations.engine_load import push_with
 from .reload import sync as _reload
 from .reload.sync import SyncReport
 

@@ -58,13 +58,10 @@ from torch import nn
 
 from ..errors import DuplicateWeightError, LoadError
 from ..layer import LayerRecord
-from ..loading.planning import register_piece_provider
 from ..loading.session import LoadSession
-from ..reload.sync import SyncReport, WeightSync
 from ..reload.transaction import ReloadTransaction
 from ..states import LayerState
-from .engine_shards import (ShardId, default_weight_loader, loader_pieces, piece_name,
-                            uses_weight_loaders)
+from .engine_shards import ShardId, default_weight_loader, piece_name
 from .writes import (WriteTracker, box_index, box_text, box_within, full_box, mask_box,
                      region_box, unwritten_rows, zero_outside)
 
@@ -109,8 +106,8 @@ class _Wrapped:
 
 class EngineHook:
     """Turns ``weight_loader`` calls into arrivals of ``session``. Use it through
-    ``EngineLoad`` (first load) or ``push_with`` (reload: ``push`` is the reload
-    transaction in progress, told of every call)."""
+    ``engine_load.EngineLoad`` (first load) or ``engine_load.push_with`` (reload:
+    ``push`` is the reload transaction in progress, told of every call)."""
 
     def __init__(self, session: LoadSession, push: ReloadTransaction | None = None):
         self.session = session
@@ -316,59 +313,3 @@ def _id_params(signature: inspect.Signature | None) -> tuple[tuple[str, ...], st
     return (tuple(p for p in _SHARD_ARGS if p in params),
             "expert_id" if "expert_id" in params else None)
 
-
-class EngineLoad:
-    """The engine hook as a context manager over a first load:
-    ``with EngineLoad(session): model.load_weights(weights)``; then ``session.report``.
-
-    On entry every loader is wrapped (E1). On a clean exit the held layers are installed
-    before the loaders are given back, so the engine's attributes reach the installed
-    parameters (E5), and the session finishes; on an exception it fails (nothing
-    unverified installed) and the exception goes on.
-    """
-
-    def __init__(self, session: LoadSession):
-        self.session = session
-        self._hook: EngineHook | None = None
-
-    def __enter__(self) -> LoadSession:
-        if self._hook is not None:
-            raise RuntimeError("this LoadSession is already entered")
-        self._hook = EngineHook(self.session).install()
-        return self.session
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        hook, self._hook, session = self._hook, None, self.session
-        try:
-            if exc_type is None:
-                session.commit_held()
-        except BaseException as err:
-            hook.restore()
-            session.fail(err)
-            raise
-        hook.restore()
-        if exc_type is not None:
-            session.fail(exc)
-            return
-        try:
-            session.report = session.finish()
-        except BaseException as err:
-            session.fail(err)
-            raise
-
-
-def push_with(sync: WeightSync, load: Callable[[], object]) -> SyncReport:
-    """Run an engine's own loading code as a push into ``sync``'s model, in place (see
-    ``loadfsm.WeightSync.push_with``)."""
-    def feed(push: ReloadTransaction) -> None:
-        hook = EngineHook(sync.session, push).install()
-        try:
-            with torch.no_grad():
-                load()
-        finally:
-            hook.restore()
-
-    return sync.run(feed)
-
-
-register_piece_provider(uses_weight_loaders, loader_pieces)
