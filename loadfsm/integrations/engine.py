@@ -8,37 +8,13 @@
 
 The engine maps checkpoint names itself and calls
 ``param.weight_loader(param, loaded_weight[, shard_id][, expert_id=...])`` (vLLM's
-convention). The steps, cited below as E1..E5:
-  E1 enter: the ``weight_loader`` of every parameter the plan holds on ``meta`` (or the
-     default loader, for parameters without one) is wrapped for the session's lifetime;
-     the original objects stay in the hook, which the session owns;
-  E2 a call names its piece by (parameter, shard id, expert id): an unknown shard id or
-     a piece that already arrived raises before anything is written;
-  E3 the layer materializes at its first call and the engine's loader runs on a
-     Parameter over the staging tensor (same attributes as the engine's parameter), under
-     a write tracker, so it writes into real memory;
-  E4 the elements written must be exactly the piece's region (tracked exactly, whatever
-     the write: ``writes``): a write outside the shard or the parameter, or rows left
-     unwritten, raise ``ShardWriteError`` naming the parameter and the rows; a parameter
-     without shards written as one gapless box smaller than itself (vocab padding, a TP
-     rank's last rows) has the rest zero-filled; then the arrival fires, and the layer's
-     last piece completes and quantizes it (installed once verified, at the latest on
-     exit: E5);
-  E5 exit: each wrapped parameter gets exactly its own loader entries back (also when
-     the load raised; vLLM keeps its loader behind a property, whose deleter would set it
-     to ``None``); every installed parameter, FP8 ones included, is of the engine's
-     parameter class and carries its attributes and the very same loader object (vLLM's
-     ``replace_parameter`` keeps them too), so the engine's own ``load_weights`` still
-     works.
-
-Reload (RL weight sync, ``WeightSync.push_with``): the engine calls ``load_weights``
-again on the loaded model. The hook then wraps the *live* parameters (FP8 and full
-precision alike) and runs the loaders the first load saw, kept in the session
-(``LoadSession.engine_loaders``), since quantized parameters carry none. Each call first
-tells the reload transaction (R1: a layer's first call fires ``reload``, FINALIZED ->
-META), then runs E2..E4 on fresh staging; the layer's last piece quantizes it and the
-results are committed in place (``loadfsm.reload``, R2..R4). E5 gives each live parameter
-back exactly the ``weight_loader`` attribute it had before (none, for FP8 ones).
+convention). Each call is one arrival, in steps E1..E5 (ARCHITECTURE.md). The writes are
+tracked exactly, whatever the loader does (``writes``); a write outside its shard or the
+parameter, or rows left unwritten, raise ``ShardWriteError`` naming the parameter and the
+rows. vLLM keeps its loader behind a property, whose deleter would set it to ``None``: E5
+gives back the instance's own entries, whatever their names. On a push
+(``WeightSync.push_with``) the hook wraps the *live* parameters and runs the loaders the
+first load saw (``LoadSession.engine_loaders``), since quantized parameters carry none.
 
 Tensor parallelism needs nothing here: each rank builds its model with local shapes,
 declares local shard layouts, and its loaders narrow the full checkpoint tensor (or a

@@ -1,16 +1,10 @@
 """Hugging Face transformers models, loaded layer by layer (the ``loadfsm[hf]`` extra).
 
 ``from_pretrained`` follows transformers' own loading, step for step, with loadfsm's
-lifecycle in place of its state-dict copy (cited below as H1..H5):
-  H1 read ``config.json`` and build the model class it names on ``meta``, in the
-     checkpoint's dtype (no memory held);
-  H2 read the safetensors headers and map names with transformers' conversion rules for
-     this model type (``hf_pieces``): renamed and fused tensors become pieces;
-  H3 drop the names this model class ignores on load; everything else is strict;
-  H4 stream the tensors layer by layer: each layer materializes, completes, quantizes
-     (``nn.Linear`` -> ``Fp8Linear``, fused experts -> ``Fp8Experts``) and finalizes;
-  H5 compute the non-persistent buffers (rotary ``inv_freq``, ``position_ids``) on the
-     target device with the model's own ``_init_weights``, as transformers does.
+lifecycle in place of its state-dict copy: steps H1..H5 (ARCHITECTURE.md). Names are mapped
+with transformers' conversion rules for the model type (``hf_pieces``); ``nn.Linear``
+becomes ``Fp8Linear`` and fused experts ``Fp8Experts``; the non-persistent buffers (rotary
+``inv_freq``, ``position_ids``) are computed with the model's own ``_init_weights``.
 """
 
 from __future__ import annotations

@@ -1,15 +1,7 @@
 """The reload transaction: one push into a loaded session, committed or rolled back.
 
 While a transaction is attached, the session's driver runs in reload mode and the
-session finalizes through ``commit``. The steps of a push:
-  R1 the first tensor of a layer fires ``reload`` (FINALIZED -> META): the layer expects
-     every piece again, its live kernel tensors stay where they are;
-  R2 arrivals run the load path: staging, arrive, complete, quantize (results held,
-     counted as extra bytes);
-  R3 verified layers commit: the writer copies their results into the live tensors, so
-     every data_ptr, shape, stride and dtype is kept and captured CUDA graphs stay valid;
-  R4 at the end, a touched layer still missing required pieces, or any exception, rolls
-     back what is not committed (``rollback`` -> FINALIZED, old weights).
+session finalizes through ``commit``: steps R1..R4 (ARCHITECTURE.md), cited below.
 """
 
 from __future__ import annotations

@@ -4,13 +4,10 @@ The trainer calls a ``WeightSender`` after its optimizer step
 (``sender(model.named_parameters())``); every engine rank calls
 ``WeightReceiver.receive()``, which feeds the arrivals into its ``WeightSync``.
 
-Wire protocol, per push (all collectives on ``group``, rooted at ``src``):
-  T1 per bucket, a metadata message (``broadcast_object_list``): the bucket's size and,
-     per tensor, ``(name, shape, dtype, offset)``;
-  T2 the bucket itself: tensors flattened into one uint8 buffer (``dist.broadcast``);
-     offsets are 64-byte aligned so every tensor is a view of the bucket;
-  T3 an end message. If the trainer's iterator raises, an abort message goes out
-     instead, so engines roll back rather than wait forever.
+Wire protocol, per push: T1..T3 (ARCHITECTURE.md), all collectives on ``group``, rooted
+at ``src``. Metadata goes by ``broadcast_object_list``, buckets by ``dist.broadcast``; if
+the trainer's iterator raises, an abort message goes out instead of the end message, so
+engines roll back rather than wait forever.
 
 Buckets hold up to ``bucket_bytes``; a tensor larger than that travels alone. They live
 on the CPU with gloo and on the current CUDA device with NCCL.
