@@ -13,6 +13,7 @@ import loadfsm
 from loadfsm.cli import main as cli_main
 from loadfsm.testing import CONFIGS, build_model
 from loadfsm.quant.linear import Fp8Linear, Fp8StackedExperts
+from checks import assert_same_tensors, same
 
 # A config whose attention round-trips q/k/v through fp8 with its kv-cache scales.
 KV = replace(CONFIGS["tiny"], kv_cache_scales=True, fp8_kv_cache=True)
@@ -26,12 +27,6 @@ def _dummy(config, quant="fp8", seed=0, **kwargs):
     report = loadfsm.load(model, None, load_format="dummy", quant=quant, device="cpu",
                           seed=seed, **kwargs)
     return model, report
-
-
-def _state(model):
-    # fp8 tensors compared as bytes: torch.equal has no float8 kernel on every build.
-    return {k: v.view(torch.uint8) if v.dtype.itemsize == 1 else v
-            for k, v in model.state_dict().items()}
 
 
 @pytest.mark.parametrize("quant", QUANTS, ids=["fp8", "bf16"])
@@ -90,19 +85,16 @@ def test_dummy_tied_weights_share_storage():
 @pytest.mark.parametrize("quant", QUANTS, ids=["fp8", "bf16"])
 def test_same_seed_is_bit_identical(quant):
     """Two dummy loads with the same seed give bit-identical tensors."""
-    a = _state(_dummy("tiny-moe", quant, seed=3)[0])
-    b = _state(_dummy("tiny-moe", quant, seed=3)[0])
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    a, b = (_dummy("tiny-moe", quant, seed=3)[0].state_dict() for _ in range(2))
+    assert_same_tensors(a, b)
 
 
 def test_different_seed_differs():
     """Different seeds give different weights in every randomly filled tensor."""
-    a, b = _state(_dummy("tiny", None, seed=0)[0]), _state(_dummy("tiny", None, seed=1)[0])
+    a, b = (_dummy("tiny", None, seed=seed)[0].state_dict() for seed in (0, 1))
     for key in a:
         if "rotary" not in key and not key.endswith("_scale"):
-            assert not torch.equal(a[key], b[key]), key
+            assert not same(a[key], b[key]), key
 
 
 def test_weights_are_small_uniform_in_checkpoint_dtype():

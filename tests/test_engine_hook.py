@@ -1,7 +1,5 @@
 """Engine hook: an engine's own load_weights drives the layer machines, FP8 included."""
 
-from dataclasses import replace
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,43 +8,17 @@ from structlog.testing import capture_logs
 from torch import nn
 
 import loadfsm
-from loadfsm.testing import CONFIGS, build_model, write_checkpoint
+from loadfsm.testing import build_model
 from loadfsm.testing.engine_layers import QKVParallelLinear
-from loadfsm.testing.engine_llama import EngineLlamaForCausalLM
 from loadfsm.sources.safetensors_slices import safetensors_weights
+from checks import assert_loaders_restored, assert_same_tensors, loader_snapshot
+from faults import raising_after
+from tiny_models import PADDED_SMALL as SMALL
+from tiny_models import PADDED_SMALL_MOE as SMALL_MOE
+from tiny_models import QKV0, engine_model, hook_load
 
-# Padded vocab (500 -> 512 rows), fused qkv / gate_up, small enough for well under a second.
-SMALL = replace(CONFIGS["tiny"], vocab_size=500, pad_vocab_to=64, hidden_size=64,
-                intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                max_seq_len=16)
-SMALL_MOE = replace(SMALL, num_experts=4, experts_per_token=2, moe_intermediate_size=64)
-QKV0 = "model.layers.0.self_attn.qkv_proj"
 # engine parameter names -> reference model names
 _RENAME = {"experts.w13_weight": "experts.gate_up_proj", "experts.w2_weight": "experts.down_proj"}
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    return {cfg: write_checkpoint(cfg, root / str(k), max_shard_bytes=200_000)
-            for k, cfg in enumerate((SMALL, SMALL_MOE))}
-
-
-def engine_model(config=SMALL):
-    with torch.device("meta"):
-        return EngineLlamaForCausalLM(config, dtype=torch.bfloat16)
-
-
-def hook_load(config, path, quant=None, **kwargs):
-    model = engine_model(config)
-    with loadfsm.LoadSession(model, quant=quant, device="cpu", **kwargs) as session:
-        model.load_weights(safetensors_weights(path))
-    return model, session
-
-
-def _same(a, b):
-    return (a.dtype == b.dtype and a.shape == b.shape
-            and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
 
 
 def _reference_names(state):
@@ -61,27 +33,24 @@ def _reference_names(state):
 @pytest.mark.parametrize("quant", [None, "fp8", "fp8-channel", "fp8-block"],
                          ids=["bf16", "fp8", "fp8ch", "fp8blk"])
 @pytest.mark.parametrize("config", [SMALL, SMALL_MOE], ids=["dense", "moe"])
-def test_hook_load_is_bit_identical_to_loadfsm_load(checkpoints, config, quant):
+def test_hook_load_is_bit_identical_to_loadfsm_load(checkpoint_dir, config, quant):
     """Every layer FINALIZED; tensors and logits equal loadfsm.load into the reference model."""
-    model, session = hook_load(config, checkpoints[config], quant)
+    model, session = hook_load(config, safetensors_weights(checkpoint_dir(config)), quant)
     reference = build_model(config)
-    loadfsm.load(reference, checkpoints[config], quant=quant, device="cpu")
+    loadfsm.load(reference, checkpoint_dir(config), quant=quant, device="cpu")
     report = session.report
     assert report.states["FINALIZED"] == len(report.layer_states)
     assert report.peak_bytes <= report.final_bytes + 2 * report.largest_layer_bytes
-    got, want = _reference_names(model.state_dict()), reference.state_dict()
-    assert got.keys() == want.keys()
-    for name, tensor in want.items():
-        assert _same(got[name], tensor), name
+    assert_same_tensors(_reference_names(model.state_dict()), reference.state_dict())
     ids = torch.randint(0, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(ids), reference(ids))
 
 
-def test_fused_qkv_transition_sequence_is_exact(checkpoints):
+def test_fused_qkv_transition_sequence_is_exact(checkpoint_dir):
     """Three shard calls: arrive x3 (k, q, v), complete, quantize, finalize, nothing else."""
     with capture_logs() as logs:
-        hook_load(SMALL, checkpoints[SMALL], "fp8", trace=True)
+        hook_load(SMALL, safetensors_weights(checkpoint_dir(SMALL)), "fp8", trace=True)
     events = [e for e in logs if e["event"] == "layer_transition" and e["layer"] == QKV0]
     assert [(e["src"], e["dst"], e["trigger"]) for e in events] == [
         ("META", "PARTIAL", "arrive"), ("PARTIAL", "PARTIAL", "arrive"),
@@ -92,36 +61,26 @@ def test_fused_qkv_transition_sequence_is_exact(checkpoints):
     assert [e["shard"] for e in events[:3]] == ["k", "q", "v"]
 
 
-def test_padding_rows_are_zero_filled(checkpoints):
+def test_padding_rows_are_zero_filled(checkpoint_dir):
     """Vocab rows past the checkpoint (written by no loader call) are zero, and traced."""
     with capture_logs() as logs:
-        model, _ = hook_load(SMALL, checkpoints[SMALL], trace=True)
+        model, _ = hook_load(SMALL, safetensors_weights(checkpoint_dir(SMALL)), trace=True)
     for weight in (model.model.embed_tokens.weight, model.lm_head.weight):
         assert weight.shape[0] == 512 and not weight[500:].any() and weight[:500].any()
     padded = [e["layer"] for e in logs if e["event"] == "layer_padded"]
     assert padded == ["model.embed_tokens", "lm_head"]
 
 
-def _loader_snapshot(model):
-    return {name: (p, dict(vars(p))) for name, p in model.named_parameters()}
-
-
-def _assert_restored(snapshot):
-    for name, (param, attrs) in snapshot.items():
-        assert vars(param).keys() == attrs.keys(), name
-        assert all(vars(param)[k] is v for k, v in attrs.items()), name
-
-
-def test_loaders_restored_on_exit(checkpoints):
+def test_loaders_restored_on_exit(checkpoint_dir):
     """After the session each engine parameter holds exactly its own loader object, and the
     full-precision parameters installed in its place carry the same one."""
     model = engine_model()
-    snapshot = _loader_snapshot(model)
+    snapshot = loader_snapshot(model)
     with loadfsm.LoadSession(model, device="cpu") as session:
         wrapped = model.lm_head.weight.weight_loader
-        model.load_weights(safetensors_weights(checkpoints[SMALL]))
+        model.load_weights(safetensors_weights(checkpoint_dir(SMALL)))
     assert wrapped is not snapshot["lm_head.weight"][1]["weight_loader"]
-    _assert_restored(snapshot)
+    assert_loaders_restored(snapshot)
     assert session.report.states["FINALIZED"] == 17
     for name, param in model.named_parameters():
         meta, attrs = snapshot[name]
@@ -129,29 +88,23 @@ def test_loaders_restored_on_exit(checkpoints):
         assert getattr(param, "weight_loader", None) is attrs.get("weight_loader"), name
 
 
-def test_loaders_restored_when_the_load_raises(checkpoints):
+def test_loaders_restored_when_the_load_raises(checkpoint_dir):
     """An exception midway restores every loader, frees staging and finishes nothing."""
     model = engine_model()
-    snapshot = _loader_snapshot(model)
-
-    def failing():
-        for k, item in enumerate(safetensors_weights(checkpoints[SMALL])):
-            if k == 7:
-                raise OSError("disk gone")
-            yield item
-
+    snapshot = loader_snapshot(model)
+    weights = raising_after(safetensors_weights(checkpoint_dir(SMALL)), 7, OSError("disk gone"))
     session = loadfsm.LoadSession(model, device="cpu")
     with pytest.raises(OSError, match="disk gone"), session:
-        model.load_weights(failing())
-    _assert_restored(snapshot)
+        model.load_weights(weights)
+    assert_loaders_restored(snapshot)
     assert "report" not in vars(session)
     assert session.driver.in_flight == {} and session.ledger.staging == 0
     assert model.model.layers[1].mlp.down_proj.weight.is_meta
 
 
-def test_duplicate_shard_call_raises(checkpoints):
+def test_duplicate_shard_call_raises(checkpoint_dir):
     """The same shard loaded twice raises DuplicateWeightError naming parameter and shard."""
-    weights = list(safetensors_weights(checkpoints[SMALL]))
+    weights = list(safetensors_weights(checkpoint_dir(SMALL)))
     q = next(item for item in weights if item[0] == "model.layers.0.self_attn.q_proj.weight")
     model = engine_model()
     with pytest.raises(loadfsm.DuplicateWeightError, match=r"qkv_proj.weight.*'q'") as err:
@@ -223,14 +176,14 @@ def test_missing_shard_is_reported_by_piece():
     assert err.value.missing == {"qkv_proj": ["qkv_proj.weight[k]", "qkv_proj.weight[v]"]}
 
 
-def test_lazy_slices_read_only_what_loaders_take(checkpoints):
+def test_lazy_slices_read_only_what_loaders_take(checkpoint_dir):
     """Through the lazy iterator the hook load reads each checkpoint byte exactly once."""
-    weights = safetensors_weights(checkpoints[SMALL])
+    weights = safetensors_weights(checkpoint_dir(SMALL))
     model = engine_model()
     with loadfsm.LoadSession(model, device="cpu"):
         model.load_weights(weights)
     total = sum(t.numel() * t.element_size() for _, t in
-                ((n, s.read()) for n, s in safetensors_weights(checkpoints[SMALL])))
+                ((n, s.read()) for n, s in safetensors_weights(checkpoint_dir(SMALL))))
     assert weights.bytes_read == total
 
 

@@ -1,5 +1,7 @@
 """FP8 on CUDA: Triton kernels vs the torch reference, _scaled_mm vs fallback, graph capture."""
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from loadfsm.quant import (FP8_DTYPE, Fp8Config, Fp8Linear, Fp8StackedExperts, d
                            fp8_matmul, quantize_fp8, quantize_fp8_into, quantize_fp8_reference,
                            sqnr_db, triton_available)
 from loadfsm.quant import linear as linear_module
+from tiny_models import randn
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -19,9 +22,7 @@ def _config(granularity: str) -> Fp8Config:
     return Fp8Config(granularity=granularity, block_size=(128, 128))
 
 
-def _randn(*shape: int, seed: int = 0, dtype=torch.bfloat16) -> torch.Tensor:
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    return torch.randn(*shape, generator=gen, device="cuda").to(dtype)
+_randn = partial(randn, device="cuda")
 
 
 def _requires_fp8_mm():
@@ -140,21 +141,3 @@ def test_stacked_experts_cuda():
         g, u = (x[rows] @ w1.t()).chunk(2, dim=-1)
         ref[rows] = (torch.nn.functional.silu(g) * u) @ w2.t()
     assert sqnr_db(ref, out) >= 25.0
-
-
-def test_quantize_bandwidth_report():
-    """Report the quantization bandwidth of each kernel (informational, never fails)."""
-    if not triton_available("cuda"):
-        pytest.skip("needs Triton")
-    w = _randn(16384, 16384)  # large enough that Python launch overhead does not dominate
-    for granularity in GRANULARITIES:
-        config = _config(granularity)
-        q, scale = quantize_fp8(w, config)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            quantize_fp8_into(w, q, scale, config)
-        end.record()
-        torch.cuda.synchronize()
-        seconds = start.elapsed_time(end) / 1e3 / 10
-        print(f"{granularity}: {w.numel() * 2 / seconds / 1e12:.2f} TB/s of bf16 input")

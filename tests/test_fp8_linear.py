@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from loadfsm.quant import (FP8_DTYPE, Fp8Config, Fp8Linear, Fp8StackedExperts, quantize_fp8,
                            sqnr_db)
 from loadfsm.quant.experts import StackedExperts
+from tiny_models import randn
 
 GRANULARITIES = ["tensor", "channel", "block"]
 
@@ -15,16 +16,11 @@ def _config(granularity: str) -> Fp8Config:
     return Fp8Config(granularity=granularity, block_size=(32, 32))
 
 
-def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=gen).to(torch.bfloat16)
-
-
 @pytest.mark.parametrize("granularity", GRANULARITIES, ids=GRANULARITIES)
 def test_linear_matches_bf16(granularity):
     """Fp8Linear's output stays >= 25 dB from bf16 F.linear on the original weight."""
     config = _config(granularity)
-    w, bias, x = _randn(96, 64), _randn(96, seed=1), _randn(8, 64, seed=2)
+    w, bias, x = randn(96, 64), randn(96, seed=1), randn(8, 64, seed=2)
     layer = Fp8Linear.from_quantized(*quantize_fp8(w, config), bias, config)
     out = layer(x)
     assert out.dtype == torch.bfloat16 and out.shape == (8, 96)
@@ -34,8 +30,8 @@ def test_linear_matches_bf16(granularity):
 def test_linear_leading_dims():
     """Inputs [B, S, K] give [B, S, N] equal to running the flattened rows."""
     config = _config("channel")
-    layer = Fp8Linear.from_quantized(*quantize_fp8(_randn(48, 32), config), None, config)
-    x = _randn(2, 5, 32, seed=3)
+    layer = Fp8Linear.from_quantized(*quantize_fp8(randn(48, 32), config), None, config)
+    x = randn(2, 5, 32, seed=3)
     out = layer(x)
     assert out.shape == (2, 5, 48)
     assert torch.equal(out, layer(x.reshape(10, 32)).reshape(2, 5, 48))
@@ -44,8 +40,8 @@ def test_linear_leading_dims():
 def test_from_quantized_shares_storage():
     """from_quantized wraps the given tensors without copying them."""
     config = _config("block")
-    q, scale = quantize_fp8(_randn(64, 64), config)
-    bias = _randn(64)
+    q, scale = quantize_fp8(randn(64, 64), config)
+    bias = randn(64)
     layer = Fp8Linear.from_quantized(q, scale, bias, config)
     assert layer.weight.data_ptr() == q.data_ptr()
     assert layer.weight_scale.data_ptr() == scale.data_ptr()
@@ -71,7 +67,7 @@ def test_linear_without_bias_registers_none():
 
 def test_from_quantized_rejects_wrong_scale():
     """from_quantized raises ValueError when the scale shape does not fit the config."""
-    q, scale = quantize_fp8(_randn(32, 32), _config("tensor"))
+    q, scale = quantize_fp8(randn(32, 32), _config("tensor"))
     with pytest.raises(ValueError, match="scale"):
         Fp8Linear.from_quantized(q, scale, None, _config("channel"))
 
@@ -89,12 +85,12 @@ def test_stacked_experts_match_bf16(granularity):
     config = _config(granularity)
     ref = StackedExperts(4, 64, 32, dtype=torch.bfloat16)
     with torch.no_grad():
-        ref.gate_up_proj.copy_(_randn(4, 64, 64, seed=1))
-        ref.down_proj.copy_(_randn(4, 64, 32, seed=2))
+        ref.gate_up_proj.copy_(randn(4, 64, 64, seed=1))
+        ref.down_proj.copy_(randn(4, 64, 32, seed=2))
     fp8 = Fp8StackedExperts.from_quantized(*quantize_fp8(ref.gate_up_proj.detach(), config),
                                            *quantize_fp8(ref.down_proj.detach(), config),
                                            config)
-    x = _randn(12, 64, seed=3)
+    x = randn(12, 64, seed=3)
     with torch.no_grad():
         expected = ref(x, *_route(12, 4))
     assert sqnr_db(expected, fp8(x, *_route(12, 4))) >= 25.0
@@ -113,8 +109,8 @@ def test_stacked_experts_constructor_allocates_fp8(granularity):
 def test_stacked_experts_from_quantized_shares_storage():
     """Fp8StackedExperts.from_quantized wraps the given tensors without copying."""
     config = _config("channel")
-    gate_up, gate_up_scale = quantize_fp8(_randn(2, 32, 16), config)
-    down, down_scale = quantize_fp8(_randn(2, 16, 16), config)
+    gate_up, gate_up_scale = quantize_fp8(randn(2, 32, 16), config)
+    down, down_scale = quantize_fp8(randn(2, 16, 16), config)
     experts = Fp8StackedExperts.from_quantized(gate_up, gate_up_scale, down, down_scale, config)
     assert experts.gate_up_proj.data_ptr() == gate_up.data_ptr()
     assert experts.down_proj_scale.data_ptr() == down_scale.data_ptr()
@@ -125,5 +121,5 @@ def test_stacked_experts_reject_mismatched_shapes():
     """from_quantized raises ValueError when gate_up and down describe different experts."""
     config = _config("tensor")
     with pytest.raises(ValueError, match="same experts"):
-        Fp8StackedExperts.from_quantized(*quantize_fp8(_randn(2, 32, 16), config),
-                                         *quantize_fp8(_randn(2, 16, 8), config), config)
+        Fp8StackedExperts.from_quantized(*quantize_fp8(randn(2, 32, 16), config),
+                                         *quantize_fp8(randn(2, 16, 8), config), config)

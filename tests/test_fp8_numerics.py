@@ -6,6 +6,7 @@ import torch
 from loadfsm.quant import (FP8_DTYPE, Fp8Config, dequantize_fp8, fp8_scale_shape, fp8_scales,
                            quantize_fp8, quantize_fp8_into, resolve_quant, sqnr_db)
 from loadfsm.quant import fp8 as fp8_module
+from tiny_models import randn
 
 GRANULARITIES = ["tensor", "channel", "block"]
 
@@ -15,16 +16,11 @@ def _config(granularity: str) -> Fp8Config:
     return Fp8Config(granularity=granularity, block_size=(16, 32))
 
 
-def _weight(*shape: int, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=gen).to(torch.bfloat16)
-
-
 @pytest.mark.parametrize("granularity", GRANULARITIES, ids=GRANULARITIES)
 def test_sqnr_random_normal(granularity):
     """Dequantized random-normal weights stay >= 25 dB from the bf16 original."""
     config = _config(granularity)
-    w = _weight(72, 100)
+    w = randn(72, 100)
     q, scale = quantize_fp8(w, config)
     assert q.dtype == FP8_DTYPE and scale.dtype == torch.float32
     assert sqnr_db(w, dequantize_fp8(q, scale, config)) >= 25.0
@@ -37,13 +33,13 @@ def test_scale_shapes(granularity, shape):
     config = _config(granularity)
     expected = {"tensor": shape[:-2], "channel": (*shape[:-1], 1),
                 "block": (*shape[:-2], 3, 3)}[granularity]
-    assert fp8_scales(_weight(*shape), config).shape == torch.Size(expected)
+    assert fp8_scales(randn(*shape), config).shape == torch.Size(expected)
     assert fp8_scale_shape(shape, config) == torch.Size(expected)
 
 
 def test_channel_beats_tensor_on_uneven_rows():
     """Per-channel scales are no worse than per-tensor when row magnitudes differ widely."""
-    w = (_weight(64, 128).float() * torch.logspace(-4, 2, 64)[:, None]).to(torch.bfloat16)
+    w = (randn(64, 128).float() * torch.logspace(-4, 2, 64)[:, None]).to(torch.bfloat16)
     errors = {}
     for granularity in ("tensor", "channel"):
         config = _config(granularity)
@@ -64,7 +60,7 @@ def test_zero_weight_gives_finite_scale_and_zero_q(granularity):
 @pytest.mark.parametrize("granularity", GRANULARITIES, ids=GRANULARITIES)
 def test_non_finite_weight_gives_non_finite_scale(granularity, bad):
     """NaN or Inf anywhere in the weight shows up as a non-finite scale."""
-    w = _weight(32, 64)
+    w = randn(32, 64)
     w[17, 40] = bad
     assert not torch.isfinite(fp8_scales(w, _config(granularity))).all()
 
@@ -73,7 +69,7 @@ def test_non_finite_weight_gives_non_finite_scale(granularity, bad):
 def test_quantize_into_writes_given_storage(granularity):
     """quantize_fp8_into fills the given tensors in place and matches quantize_fp8."""
     config = _config(granularity)
-    w = _weight(48, 80)
+    w = randn(48, 80)
     q_out = torch.empty(w.shape, dtype=FP8_DTYPE)
     scale_out = torch.empty(fp8_scale_shape(w.shape, config))
     pointers = (q_out.data_ptr(), scale_out.data_ptr())
@@ -87,7 +83,7 @@ def test_quantize_into_writes_given_storage(granularity):
 def test_quantize_into_rejects_wrong_outputs():
     """quantize_fp8_into raises ValueError for outputs of the wrong shape or dtype."""
     config = _config("channel")
-    w = _weight(8, 16)
+    w = randn(8, 16)
     with pytest.raises(ValueError, match="scale_out"):
         quantize_fp8_into(w, torch.empty(8, 16, dtype=FP8_DTYPE), torch.empty(8), config)
     with pytest.raises(ValueError, match="q_out"):
@@ -98,7 +94,7 @@ def test_quantize_into_rejects_wrong_outputs():
 def test_chunked_equals_unchunked(granularity, monkeypatch):
     """Quantizing in tiny row chunks gives bit-identical codes and scales."""
     config = _config(granularity)
-    w = _weight(2, 45, 70)
+    w = randn(2, 45, 70)
     q_full, scale_full = quantize_fp8(w, config)
     monkeypatch.setattr(fp8_module, "_CHUNK_BYTES", 3 * 70 * 4)  # 3 rows per chunk
     q_chunked, scale_chunked = quantize_fp8(w, config)
@@ -110,7 +106,7 @@ def test_chunked_equals_unchunked(granularity, monkeypatch):
 def test_stacked_experts_scale_per_expert(granularity):
     """A 3-D [E, N, K] weight quantizes exactly like each expert on its own."""
     config = _config(granularity)
-    w = _weight(3, 40, 70)
+    w = randn(3, 40, 70)
     w[1] *= 50  # experts of different magnitude must not share a scale
     q, scale = quantize_fp8(w, config)
     for e in range(3):
@@ -122,7 +118,7 @@ def test_stacked_experts_scale_per_expert(granularity):
 def test_multiplies_by_reciprocal():
     """Codes equal clamp(w * (1/scale)) cast to e4m3fn, the formula kernels reproduce."""
     config = _config("tensor")
-    w = _weight(16, 32)
+    w = randn(16, 32)
     q, scale = quantize_fp8(w, config)
     expected = (w.float() * scale.reciprocal()).clamp(-448, 448).to(FP8_DTYPE)
     assert torch.equal(q.view(torch.uint8), expected.view(torch.uint8))
@@ -130,7 +126,7 @@ def test_multiplies_by_reciprocal():
 
 def test_sqnr_db_identical_is_infinite():
     """sqnr_db of a tensor against itself is +inf; a 10% error gives 20 dB."""
-    x = _weight(8, 8).float()
+    x = randn(8, 8).float()
     assert sqnr_db(x, x) == float("inf")
     assert sqnr_db(x, x * 1.1) == pytest.approx(20.0)
 

@@ -25,6 +25,7 @@ import loadfsm  # noqa: E402
 import loadfsm.hf  # noqa: E402
 from loadfsm.integrations.hf_experts import Fp8Experts  # noqa: E402
 from loadfsm.quant.fp8 import sqnr_db  # noqa: E402
+from checks import addresses, assert_same_tensors  # noqa: E402
 
 _DECODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
@@ -148,13 +149,6 @@ def _logits(model, family: Family) -> torch.Tensor:
     return (out.last_hidden_state if family.encoder else out.logits).float()
 
 
-def _assert_same_tensors(kit, ours: dict, theirs: dict) -> None:
-    """Same names, each of the same dtype, shape and bytes (FP8 and -0.0 included)."""
-    assert ours.keys() == theirs.keys()
-    for key, value in theirs.items():
-        assert kit.same(ours[key], value), key
-
-
 def _trainer_tensors(trainer):
     """What a trainer sends: its parameters, and the persistent buffers of its state
     (DeepSeek-V3's router ``e_score_correction_bias`` is a buffer, updated by training)."""
@@ -171,14 +165,14 @@ def _checkpoint_tensors(path: Path):
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
-def test_bf16_bit_identical_to_from_pretrained(checkpoints, family, kit):
+def test_bf16_bit_identical_to_from_pretrained(checkpoints, family):
     """quant=None: every parameter, buffer and logit equals transformers' from_pretrained."""
     ckpt = checkpoints(family)
     model, report = loadfsm.hf.from_pretrained(ckpt.path, quant=None, device="cpu")
     ref = ckpt.reference()
     assert report.states["FINALIZED"] == len(report.layer_states)
-    _assert_same_tensors(kit, dict(model.named_parameters()), dict(ref.named_parameters()))
-    _assert_same_tensors(kit, dict(model.named_buffers()), dict(ref.named_buffers()))
+    assert_same_tensors(dict(model.named_parameters()), dict(ref.named_parameters()))
+    assert_same_tensors(dict(model.named_buffers()), dict(ref.named_buffers()))
     assert torch.equal(_logits(model, family), _logits(ref, family))
 
 
@@ -194,44 +188,44 @@ def test_fp8_logits_sqnr_against_from_pretrained(checkpoints, family):
 
 @pytest.mark.parametrize("quant", ["fp8", "fp8-channel", "fp8-block"])
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
-def test_trainer_push_equals_fresh_fp8_load(checkpoints, family, quant, kit):
+def test_trainer_push_equals_fresh_fp8_load(checkpoints, family, quant):
     """WeightSync(model) of a trainer's parameters: bit-identical to a fresh FP8 load of
     them, and no live tensor moved."""
     ckpt = checkpoints(family)
     model, _ = loadfsm.hf.from_pretrained(ckpt.path, quant=quant, device="cpu")
-    before = kit.addresses(model)
+    before = addresses(model)
     loadfsm.WeightSync(model).push(_trainer_tensors(ckpt.trainer))
     fresh, _ = loadfsm.hf.from_pretrained(ckpt.trainer_path, quant=quant, device="cpu")
-    _assert_same_tensors(kit, model.state_dict(), fresh.state_dict())
-    assert kit.addresses(model) == before
+    assert_same_tensors(model.state_dict(), fresh.state_dict())
+    assert addresses(model) == before
     assert torch.equal(_logits(model, family), _logits(fresh, family))
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
-def test_named_parameters_push_keeps_the_engines_buffers(checkpoints, family, kit):
+def test_named_parameters_push_keeps_the_engines_buffers(checkpoints, family):
     """``push(trainer.named_parameters())`` alone, the form the issue names: parameters
     equal a fresh FP8 load of the trainer's, persistent buffers keep the engine's values."""
     ckpt = checkpoints(family)
     model, _ = loadfsm.hf.from_pretrained(ckpt.path, quant="fp8", device="cpu")
     buffers = {n: b.clone() for n, b in model.named_buffers() if n in model.state_dict()}
-    before = kit.addresses(model)
+    before = addresses(model)
     loadfsm.WeightSync(model).push(ckpt.trainer.named_parameters())
     fresh, _ = loadfsm.hf.from_pretrained(ckpt.trainer_path, quant="fp8", device="cpu")
-    _assert_same_tensors(kit, model.state_dict(), {**fresh.state_dict(), **buffers})
-    assert kit.addresses(model) == before
+    assert_same_tensors(model.state_dict(), {**fresh.state_dict(), **buffers})
+    assert addresses(model) == before
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=IDS)
-def test_checkpoint_names_push_equals_fresh_fp8_load(checkpoints, family, kit):
+def test_checkpoint_names_push_equals_fresh_fp8_load(checkpoints, family):
     """A push of the trainer's saved state dict (per-expert names for MoE files), through
     the load's report: bit-identical to a fresh FP8 load, no live tensor moved."""
     ckpt = checkpoints(family)
     model, report = loadfsm.hf.from_pretrained(ckpt.path, quant="fp8", device="cpu")
-    before = kit.addresses(model)
+    before = addresses(model)
     loadfsm.WeightSync(model, session=report).push(_checkpoint_tensors(ckpt.trainer_path))
     fresh, _ = loadfsm.hf.from_pretrained(ckpt.trainer_path, quant="fp8", device="cpu")
-    _assert_same_tensors(kit, model.state_dict(), fresh.state_dict())
-    assert kit.addresses(model) == before
+    assert_same_tensors(model.state_dict(), fresh.state_dict())
+    assert addresses(model) == before
 
 
 def test_replanned_moe_keeps_its_experts_handler(checkpoints):

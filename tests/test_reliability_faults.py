@@ -14,6 +14,8 @@ from loadfsm.errors import ConcurrentPushError, ModelStateError
 from loadfsm.reload.transaction import ReloadTransaction
 from loadfsm.testing import build_model, reference_state_dict
 from loadfsm.quant.linear import Fp8Linear
+from checks import same, snapshot
+from faults import CopyFault, full_disk
 from tiny_models import SMALL
 
 O_PROJ = "model.layers.0.self_attn.o_proj"
@@ -30,45 +32,44 @@ def _o_proj_push(seed=1):
     return [(name, reference_state_dict(SMALL, seed)[name])]
 
 
-def _between_commit_copies(kit, model, kind):
+def _between_commit_copies(model, kind):
     """Injects ``kind`` right before the second copy into o_proj's live tensors: between
     its weight and scale copies, whichever goes first."""
     module = model.get_submodule(O_PROJ)
-    return kit.CopyFault(kind, 2, into={module.weight.data_ptr(), module.weight_scale.data_ptr()})
+    return CopyFault(kind, 2, into={module.weight.data_ptr(), module.weight_scale.data_ptr()})
 
 
-def test_interrupt_between_weight_and_scale_copies_commits_the_whole_layer(kit):
+def test_interrupt_between_weight_and_scale_copies_commits_the_whole_layer():
     """A Ctrl-C between an FP8 commit's copies lands after the layer is wholly new and
     FINALIZED, and the trace says it committed."""
-    model, fresh = _loaded(0), kit.snapshot(_loaded(1))
+    model, fresh = _loaded(0), snapshot(_loaded(1))
     sync = loadfsm.WeightSync(model, trace=True)
     with capture_logs() as events, pytest.raises(KeyboardInterrupt):
-        with _between_commit_copies(kit, model, "sigint"):
+        with _between_commit_copies(model, "sigint"):
             sync.push(_o_proj_push())
     for attr in ("weight", "weight_scale"):
-        assert kit.same(getattr(model.get_submodule(O_PROJ), attr), fresh[f"{O_PROJ}.{attr}"])
+        assert same(getattr(model.get_submodule(O_PROJ), attr), fresh[f"{O_PROJ}.{attr}"])
     assert sync.session.plan.layers[O_PROJ].state is loadfsm.LayerState.FINALIZED
     failed = [e for e in events if e["event"] == "push_failed"]
     assert failed[0]["committed"] == [O_PROJ] and failed[0]["error"] == "KeyboardInterrupt"
 
 
 @pytest.mark.parametrize("kind", ["keyboard", "raise"])
-def test_exception_between_commit_copies_restores_the_old_tensors(kit, kind):
+def test_exception_between_commit_copies_restores_the_old_tensors(kind):
     """An exception between an FP8 commit's copies (as off the main thread) puts the old
     weight and scale back; the layer is recorded as rolled back, and it is."""
     model = _loaded(0)
-    old = kit.snapshot(model)
+    old = snapshot(model)
     sync = loadfsm.WeightSync(model)
     with pytest.raises((KeyboardInterrupt, loadfsm.PushError)):
-        with _between_commit_copies(kit, model, kind):
+        with _between_commit_copies(model, kind):
             sync.push(_o_proj_push())
-    assert all(kit.same(t, old[n]) for n, t in model.state_dict().items())
+    assert all(same(t, old[n]) for n, t in model.state_dict().items())
     sync.push(_o_proj_push())
-    assert kit.same(model.get_submodule(O_PROJ).weight,
-                    kit.snapshot(_loaded(1))[f"{O_PROJ}.weight"])
+    assert same(model.get_submodule(O_PROJ).weight, snapshot(_loaded(1))[f"{O_PROJ}.weight"])
 
 
-def test_second_interrupt_during_rollback_leaves_the_sync_usable(kit, monkeypatch):
+def test_second_interrupt_during_rollback_leaves_the_sync_usable(monkeypatch):
     """A second Ctrl-C arriving while a failed push rolls back: later pushes still work."""
     model = _loaded(0)
     sync = loadfsm.WeightSync(model)
@@ -90,11 +91,11 @@ def test_second_interrupt_during_rollback_leaves_the_sync_usable(kit, monkeypatc
         sync.push(interrupted())
     monkeypatch.setattr(ReloadTransaction, "rollback", real_rollback)
     sync.push(items)
-    assert all(kit.same(t, v) for t, v in zip(model.state_dict().values(),
-                                                 kit.snapshot(_loaded(1)).values()))
+    assert all(same(t, v) for t, v in zip(model.state_dict().values(),
+                                             snapshot(_loaded(1)).values()))
 
 
-def test_second_push_into_the_same_model_is_refused_at_once(kit):
+def test_second_push_into_the_same_model_is_refused_at_once():
     """While one WeightSync pushes, another on the same model gets ConcurrentPushError
     and changes nothing; the first push completes whole."""
     model = _loaded(0)
@@ -118,16 +119,16 @@ def test_second_push_into_the_same_model_is_refused_at_once(kit):
         release.set()
         worker.join()
     assert info.value.committed == [] and isinstance(info.value, loadfsm.PushError)
-    assert all(kit.same(t, v) for t, v in zip(model.state_dict().values(),
-                                                 kit.snapshot(_loaded(1)).values()))
+    assert all(same(t, v) for t, v in zip(model.state_dict().values(),
+                                             snapshot(_loaded(1)).values()))
 
 
-def test_concurrent_pushes_from_threads_never_tear(kit):
+def test_concurrent_pushes_from_threads_never_tear():
     """Two threads, two WeightSyncs, one model, many pushes (waiting for their turn):
     after each, the model is wholly one of the two weight sets."""
     model = _loaded(0)
     states = {seed: list(reference_state_dict(SMALL, seed).items()) for seed in (1, 2)}
-    fresh = {seed: kit.snapshot(_loaded(seed)) for seed in (1, 2)}
+    fresh = {seed: snapshot(_loaded(seed)) for seed in (1, 2)}
     syncs = {seed: loadfsm.WeightSync(model, wait=True) for seed in (1, 2)}
     errors = []
 
@@ -144,8 +145,8 @@ def test_concurrent_pushes_from_threads_never_tear(kit):
     for thread in threads:
         thread.join()
     assert not errors
-    final = kit.snapshot(model)
-    assert any(all(kit.same(final[n], ref[n]) for n in final) for ref in fresh.values())
+    final = snapshot(model)
+    assert any(all(same(final[n], ref[n]) for n in final) for ref in fresh.values())
 
 
 def test_loading_without_quant_after_fp8_is_refused():
@@ -157,13 +158,13 @@ def test_loading_without_quant_after_fp8_is_refused():
     assert isinstance(model.get_submodule(O_PROJ), Fp8Linear)
 
 
-def test_loading_fp8_again_with_another_granularity_replaces_the_modules(kit):
+def test_loading_fp8_again_with_another_granularity_replaces_the_modules():
     """load(fp8) then load(fp8-channel) gives exactly a fresh fp8-channel load."""
     model = _loaded(0)
     loadfsm.load(model, reference_state_dict(SMALL, 1).items(), quant="fp8-channel",
                  device="cpu")
-    fresh = kit.snapshot(_loaded(1, "fp8-channel"))
-    assert all(kit.same(t, fresh[n]) for n, t in model.state_dict().items())
+    fresh = snapshot(_loaded(1, "fp8-channel"))
+    assert all(same(t, fresh[n]) for n, t in model.state_dict().items())
 
 
 class SharedLinearModel(nn.Module):
@@ -201,19 +202,19 @@ def test_nan_found_at_the_end_of_a_first_load_installs_no_layer():
     assert {e["layer"] for e in abandoned} >= {"model.norm"}
 
 
-def test_full_disk_trace_mid_push_commits_warns_once_and_later_pushes_work(kit, tmp_path):
+def test_full_disk_trace_mid_push_commits_warns_once_and_later_pushes_work(tmp_path):
     """A trace file that fills up mid-push: the push commits, one trace_sink_failed
     warning, and the same WeightSync takes later pushes."""
     model = _loaded(0)
-    with kit.full_disk(5):
+    with full_disk(5):
         sync = loadfsm.WeightSync(model, trace=tmp_path / "t.jsonl")
     with capture_logs() as events:
         report = sync.push(reference_state_dict(SMALL, 1).items())
         sync.push(reference_state_dict(SMALL, 2).items())
     assert report.layers_updated == 15
     assert [e["event"] for e in events if e["log_level"] == "warning"] == ["trace_sink_failed"]
-    fresh = kit.snapshot(_loaded(2))
-    assert all(kit.same(t, fresh[n]) for n, t in model.state_dict().items())
+    fresh = snapshot(_loaded(2))
+    assert all(same(t, fresh[n]) for n, t in model.state_dict().items())
 
 
 def test_failed_push_traces_push_failed_and_the_rollbacks():

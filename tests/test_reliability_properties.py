@@ -4,7 +4,6 @@ copies included, a trace file that fills up). After each, every layer is wholly 
 wholly new, the records agree with the tensors, nothing moved, and a retry succeeds."""
 
 from contextlib import nullcontext
-from dataclasses import replace
 
 import pytest
 import torch
@@ -15,9 +14,10 @@ from structlog.testing import capture_logs
 import loadfsm
 import loadfsm.loading.finiteness
 from loadfsm.testing import build_model, reference_state_dict
-from tiny_models import SMALL
+from checks import addresses, layer_verdicts, same, snapshot
+from faults import CopyFault, full_disk
+from tiny_models import SMALL, SMALL_MOE
 
-SMALL_MOE = replace(SMALL, num_experts=4, experts_per_token=2, moe_intermediate_size=64)
 SEEDS = (0, 1, 2)
 FAULTS = ("none", "iterator", "raise", "sigint", "keyboard", "sink")
 PROPERTY = settings(max_examples=300, deadline=None,
@@ -28,7 +28,7 @@ PROPERTY = settings(max_examples=300, deadline=None,
 def _fresh(config, seed):
     model = build_model(config)
     loadfsm.load(model, reference_state_dict(config, seed).items(), quant="fp8", device="cpu")
-    return {name: t.clone() for name, t in model.state_dict().items()}
+    return snapshot(model)
 
 
 @pytest.fixture(scope="module", params=[SMALL, SMALL_MOE], ids=["dense", "moe"])
@@ -49,15 +49,15 @@ def _source(items, fault, at):
         yield item
 
 
-def _fault(kit, fault, at):
+def _fault(fault, at):
     if fault in ("raise", "sigint", "keyboard"):
-        return kit.CopyFault(fault, at)
+        return CopyFault(fault, at)
     return nullcontext()
 
 
 @PROPERTY
 @given(data=st.data())
-def test_push_under_faults_leaves_every_layer_whole(loaded, kit, data):
+def test_push_under_faults_leaves_every_layer_whole(loaded, data):
     """Random partial pushes in random order with one random fault: layers whole, records
     FINALIZED and truthful, addresses kept, the trace says what committed, retry works."""
     config, model, weights, fresh = loaded
@@ -72,14 +72,14 @@ def test_push_under_faults_leaves_every_layer_whole(loaded, kit, data):
     pushed = [items[i] for i in order[:keep]]
     event(f"fault={fault}")
 
-    old, where = kit.snapshot(model), kit.addresses(model)
-    with kit.full_disk(at) if fault == "sink" else nullcontext():
+    old, where = snapshot(model), addresses(model)
+    with full_disk(at) if fault == "sink" else nullcontext():
         sync = loadfsm.WeightSync(model, atomic=atomic, commit_bytes=commit_bytes,
                                   trace="t.jsonl" if fault == "sink" else True)
     committed, interrupted, raised = None, False, False
     with capture_logs() as events:
         try:
-            with _fault(kit, fault, at):
+            with _fault(fault, at):
                 committed = sync.push(_source(pushed, fault, at)).committed
         except loadfsm.PushError as exc:
             committed, raised = exc.committed, True
@@ -96,20 +96,20 @@ def test_push_under_faults_leaves_every_layer_whole(loaded, kit, data):
     if interrupted:
         committed = failed[0]["committed"]
 
-    verdicts = kit.layer_verdicts(model, old, fresh[seed])
+    verdicts = layer_verdicts(model, old, fresh[seed])
     new = {layer for layer, kinds in verdicts.items() if kinds == {"new"}}
     either = {layer for layer, kinds in verdicts.items() if kinds == {"old", "new"}}
     assert new <= set(committed) <= new | either
-    assert kit.addresses(model) == where
+    assert addresses(model) == where
     session = sync.session
     assert all(rec.state is loadfsm.LayerState.FINALIZED and not rec.staging
                and not rec.results for rec in session.plan.layers.values())
     assert session.ledger.staging == 0 and session.batch.held == []
 
     sync.push(items)                                                  # the retry
-    assert kit.layer_verdicts(model, fresh[seed], fresh[seed])
-    assert all(kit.same(t, fresh[seed][n]) for n, t in model.state_dict().items())
-    assert kit.addresses(model) == where
+    assert layer_verdicts(model, fresh[seed], fresh[seed])
+    assert all(same(t, fresh[seed][n]) for n, t in model.state_dict().items())
+    assert addresses(model) == where
 
 
 def _touched(sync, pushed):
@@ -123,7 +123,7 @@ LOAD_FAULTS = ("none", "iterator", "nan", "raise", "sigint", "keyboard", "sink")
 
 @PROPERTY
 @given(data=st.data())
-def test_first_load_under_faults_installs_only_whole_verified_layers(loaded, kit, data):
+def test_first_load_under_faults_installs_only_whole_verified_layers(loaded, data):
     """A first load in random order with one random fault: each layer is either still on
     meta or bit-identical to a fresh load (never NaN, never half); loading again into the
     same model gives the fresh load."""
@@ -144,7 +144,7 @@ def test_first_load_under_faults_installs_only_whole_verified_layers(loaded, kit
     outcome = "ok"
     with capture_logs() as events, _commit_bytes(commit_bytes):
         try:
-            with _fault(kit, fault, at), kit.full_disk(at) if fault == "sink" else nullcontext():
+            with _fault(fault, at), full_disk(at) if fault == "sink" else nullcontext():
                 loadfsm.load(model, _source(arrivals, fault, at), quant="fp8", device="cpu",
                              trace="t.jsonl" if fault == "sink" else True)
         except (loadfsm.LoadError, ConnectionError, RuntimeError):
@@ -166,10 +166,10 @@ def test_first_load_under_faults_installs_only_whole_verified_layers(loaded, kit
         mine = {n: t for n, t in state.items() if n.rpartition(".")[0] == layer}
         if all(t.is_meta for t in mine.values()):
             continue
-        assert all(kit.same(t, fresh[0][n]) for n, t in mine.items()), layer
+        assert all(same(t, fresh[0][n]) for n, t in mine.items()), layer
 
     loadfsm.load(model, items, quant="fp8", device="cpu")             # the retry
-    assert all(kit.same(t, fresh[0][n]) for n, t in model.state_dict().items())
+    assert all(same(t, fresh[0][n]) for n, t in model.state_dict().items())
 
 
 def _commit_bytes(n):

@@ -5,6 +5,7 @@ import torch
 
 import loadfsm
 from loadfsm.testing import build_model, load_reference_model, reference_state_dict
+from checks import addresses, assert_same_tensors
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -15,11 +16,6 @@ def _load(state, quant):
     model = build_model("tiny")
     report = loadfsm.load(model, state.items(), quant=quant, device="cuda")
     return model.eval(), report
-
-
-def _addresses(model):
-    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    return {name: (t.data_ptr(), t.shape, t.stride(), t.dtype) for name, t in tensors.items()}
 
 
 def _capture(model, ids):
@@ -44,7 +40,7 @@ def test_graph_replay_after_push_gives_fresh_load_output(quant):
     graph, out = _capture(model, ids)
     graph.replay()
     before = out.clone()
-    addresses = _addresses(model)
+    before = addresses(model)
     loadfsm.WeightSync(model).push(reference_state_dict("tiny", 1).items())
     graph.replay()
     torch.cuda.synchronize()
@@ -53,7 +49,7 @@ def test_graph_replay_after_push_gives_fresh_load_output(quant):
         expected = fresh(ids)
     assert not torch.equal(out, before)
     assert torch.equal(out, expected)
-    assert _addresses(model) == addresses
+    assert addresses(model) == before
 
 
 @pytest.mark.parametrize("quant", QUANTS + ["fp8-block"])
@@ -63,7 +59,4 @@ def test_cuda_push_of_trainer_parameters_matches_fresh_load(quant):
     trainer = load_reference_model("tiny", seed=1, device="cuda")
     loadfsm.WeightSync(model).push(trainer.named_parameters())
     fresh, _ = _load(reference_state_dict("tiny", 1), quant)
-    expected = fresh.state_dict()
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(tensor.reshape(-1).view(torch.uint8),
-                           expected[name].reshape(-1).view(torch.uint8)), name
+    assert_same_tensors(model.state_dict(), fresh.state_dict())

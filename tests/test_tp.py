@@ -1,44 +1,35 @@
 """Tensor parallel (2 ranks, gloo on CPU): each rank loads and quantizes only its shard."""
 
 import os
-from dataclasses import replace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import loadfsm
-from loadfsm.testing import CONFIGS, write_checkpoint
-from loadfsm.testing.engine_llama import EngineLlamaForCausalLM
+from loadfsm.testing import write_checkpoint
 from loadfsm.quant.config import resolve_quant
 from loadfsm.quant.fp8 import quantize_fp8, sqnr_db
 from loadfsm.sources.safetensors_slices import safetensors_weights
+from checks import snapshot
+from tiny_models import PADDED_SMALL, PADDED_SMALL_MOE, hook_load
 
 TP = 2
 # 4 heads / 2 kv heads split over 2 ranks; vocab 500 padded to 512 = 2 x 256 rows.
-SMALL = replace(CONFIGS["tiny"], vocab_size=500, pad_vocab_to=64, hidden_size=64,
-                intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                max_seq_len=16)
-SMALL_MOE = replace(SMALL, num_experts=4, experts_per_token=2, moe_intermediate_size=64)
-CONFIGS_TP = {"dense": SMALL, "moe": SMALL_MOE}
+CONFIGS_TP = {"dense": PADDED_SMALL, "moe": PADDED_SMALL_MOE}
 QUANTS = (None, "fp8")
-IDS = torch.randint(0, SMALL.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+IDS = torch.randint(0, PADDED_SMALL.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
 def _load(config, path, quant):
     """Hook-load the engine model (tensor-parallel when a group exists); its tensors,
     logits and the bytes it read."""
-    with torch.device("meta"):
-        model = EngineLlamaForCausalLM(config, dtype=torch.bfloat16)
     weights = safetensors_weights(path)
-    with loadfsm.LoadSession(model, quant=quant, device="cpu") as session:
-        model.load_weights(weights)
+    model, session = hook_load(config, weights, quant)
     assert session.report.states["FINALIZED"] == len(session.report.layer_states)
     with torch.no_grad():
         logits = model(IDS)
-    state = {name: t.detach().clone() for name, t in model.state_dict().items()}
-    return {"state": state, "logits": logits, "bytes_read": weights.bytes_read}
+    return {"state": snapshot(model), "logits": logits, "bytes_read": weights.bytes_read}
 
 
 def _worker(rank, store, paths, out):

@@ -1,7 +1,5 @@
 """Bucketed weight transport over torch.distributed (gloo, two processes on CPU)."""
 
-from dataclasses import replace
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -11,16 +9,13 @@ import loadfsm
 from loadfsm.testing import build_model, load_reference_model, reference_state_dict
 from loadfsm.reload.routes import checkpoint_tensors
 from loadfsm.reload.transport import SenderAbortedError, WeightReceiver, WeightSender
-from tiny_models import SMALL
+from checks import same
+from faults import raising_after
+from tiny_models import SMALL, SMALL_MOE
 
-SMALL_MOE = replace(SMALL, num_experts=4, experts_per_token=2, moe_intermediate_size=64)
 STEPS = 3
 # Small buckets: several per push, and tensors larger than a bucket travel alone.
 BUCKET_BYTES = 16 << 10
-
-
-def _bits(tensor):
-    return tensor.detach().reshape(-1).view(torch.uint8)
 
 
 def _train_step(model, optimizer, step):
@@ -42,15 +37,9 @@ def _trainer(config, tmp, fail_at):
         torch.save({n: t.clone() for n, t in checkpoint_tensors(model)}, f"{tmp}/step{step}.pt")
         if step == fail_at:
             with pytest.raises(RuntimeError, match="optimizer blew up"):
-                hook(_raising_after(model.named_parameters(), 5))
+                hook(raising_after(model.named_parameters(), 5,
+                                  RuntimeError("optimizer blew up")))
         hook(model.named_parameters())
-
-
-def _raising_after(items, n):
-    for i, item in enumerate(items):
-        if i == n:
-            raise RuntimeError("optimizer blew up")
-        yield item
 
 
 def _engine(config, tmp, fail_at):
@@ -73,7 +62,7 @@ def _engine(config, tmp, fail_at):
                 record["uncommitted_changed"] = [
                     n for n, t in model.state_dict().items()
                     if n.rpartition(".")[0] not in exc.committed
-                    and not torch.equal(_bits(t), _bits(previous[n]))]
+                    and not same(t, previous[n])]
         sync_report = receiver.receive()
         fresh = build_model(config)
         loadfsm.load(fresh, torch.load(f"{tmp}/step{step}.pt").items(), quant="fp8",
@@ -83,11 +72,9 @@ def _engine(config, tmp, fail_at):
         record.update(
             layers_updated=sync_report.layers_updated,
             layers=len(report.layer_states),
-            mismatched=[n for n, t in state.items()
-                        if not torch.equal(_bits(t), _bits(expected[n]))],
+            mismatched=[n for n, t in state.items() if not same(t, expected[n])],
             moved=[n for n, t in state.items() if t.data_ptr() != addresses[n]],
-            changed=any(not torch.equal(_bits(t), _bits(previous[n]))
-                        for n, t in state.items()))
+            changed=any(not same(t, previous[n]) for n, t in state.items()))
         previous = {n: t.clone() for n, t in state.items()}
         steps.append(record)
     return steps

@@ -1,6 +1,5 @@
 """RL weight sync: pushes re-quantize in place, bit-exact, atomic per layer, linear cost."""
 
-import time
 from dataclasses import replace
 
 import pytest
@@ -10,60 +9,16 @@ from torch import nn
 
 import loadfsm
 from loadfsm.testing import build_model, load_reference_model, reference_state_dict
-from tiny_models import SMALL
-
-# Shapes small enough that every behaviour test runs in well under a second.
-SMALL_MOE = replace(SMALL, num_experts=4, experts_per_token=2, moe_intermediate_size=64)
-QKV0 = "model.layers.0.self_attn.qkv_proj"
+from checks import (addresses, assert_qkv_reloaded, assert_same_tensors, old_or_new, same,
+                    snapshot)
+from op_count import lines_run
+from tiny_models import QKV0, SMALL, SMALL_MOE
 
 
 def _load(config, state, quant="fp8"):
     model = build_model(config)
     report = loadfsm.load(model, state.items(), quant=quant, device="cpu")
     return model, report
-
-
-def _bits(tensor):
-    return tensor.detach().reshape(-1).view(torch.uint8)
-
-
-def _same(a, b):
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
-
-
-def _snapshot(model):
-    return {name: t.detach().clone() for name, t in model.state_dict().items()}
-
-
-def _addresses(model):
-    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    return {name: (t.data_ptr(), t.shape, t.stride(), t.dtype) for name, t in tensors.items()}
-
-
-def _assert_equal_models(model, expected):
-    got = model.state_dict()
-    assert got.keys() == expected.keys()
-    for name, tensor in expected.items():
-        assert _same(got[name], tensor), name
-
-
-def _layer_of(name):
-    return name.rpartition(".")[0]
-
-
-def _layers_old_or_new(model, old, new):
-    """Per layer, 'old' or 'new'; fails when a layer mixes both or matches neither."""
-    verdict = {}
-    for name, tensor in model.state_dict().items():
-        is_old, is_new = _same(tensor, old[name]), _same(tensor, new[name])
-        kinds = {k for k, hit in (("old", is_old), ("new", is_new)) if hit}
-        assert kinds, f"{name} is neither old nor new"
-        layer = _layer_of(name)
-        seen = verdict.setdefault(layer, kinds)
-        verdict[layer] = seen & kinds
-        assert verdict[layer], f"layer {layer} mixes old and new tensors"
-    return {layer: ("new" if kinds == {"new"} else "old") for layer, kinds in verdict.items()
-            if kinds != {"old", "new"}}
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +29,7 @@ def fresh():
     def get(config, seed, quant="fp8"):
         key = (config, seed, quant)
         if key not in cache:
-            cache[key] = _snapshot(_load(config, reference_state_dict(config, seed), quant)[0])
+            cache[key] = snapshot(_load(config, reference_state_dict(config, seed), quant)[0])
         return cache[key]
 
     return get
@@ -91,7 +46,7 @@ def test_sync_on_the_load_session_equals_replanned(quant, fresh):
     """WeightSync(model, session=report) and WeightSync(model) push to the same result."""
     model, report = _load(SMALL_MOE, reference_state_dict(SMALL_MOE, 0), quant)
     loadfsm.WeightSync(model, session=report).push(reference_state_dict(SMALL_MOE, 1).items())
-    _assert_equal_models(model, fresh(SMALL_MOE, 1, quant))
+    assert_same_tensors(model.state_dict(), fresh(SMALL_MOE, 1, quant))
 
 
 def test_replanned_sync_knows_the_original_plan():
@@ -117,7 +72,7 @@ def test_push_matches_fresh_load(config, quant):
     model, sync = _engine(config, quant)
     new = reference_state_dict(config, 1)
     sync.push(new.items())
-    _assert_equal_models(model, _snapshot(_load(config, new, quant)[0]))
+    assert_same_tensors(model.state_dict(), snapshot(_load(config, new, quant)[0]))
 
 
 @pytest.mark.parametrize("quant", [None, "fp8", "fp8-channel", "fp8-block"],
@@ -126,9 +81,9 @@ def test_push_matches_fresh_load(config, quant):
 def test_push_keeps_every_address(config, quant):
     """No parameter or buffer changes data_ptr, shape, stride or dtype across a push."""
     model, sync = _engine(config, quant)
-    before = _addresses(model)
+    before = addresses(model)
     sync.push(reference_state_dict(config, 1).items())
-    assert _addresses(model) == before
+    assert addresses(model) == before
 
 
 def test_push_leaves_non_persistent_buffers_untouched():
@@ -146,7 +101,7 @@ def test_push_by_parameter_names_matches_fresh_load(config, fresh):
     model, sync = _engine(config)
     trainer = load_reference_model(config, seed=1)
     report = sync.push(trainer.named_parameters())
-    _assert_equal_models(model, fresh(config, 1))
+    assert_same_tensors(model.state_dict(), fresh(config, 1))
     assert report.layers_updated == len(sync.session.plan.layers)
 
 
@@ -166,7 +121,7 @@ def test_push_handles_tied_padded_and_kv_scales(config, naming, fresh):
         sync.push(reference_state_dict(config, 1).items())
     else:
         sync.push(load_reference_model(config, seed=1).named_parameters())
-    _assert_equal_models(model, fresh(config, 1))
+    assert_same_tensors(model.state_dict(), fresh(config, 1))
 
 
 def test_pushed_layer_transition_sequence_is_exact():
@@ -175,31 +130,17 @@ def test_pushed_layer_transition_sequence_is_exact():
     sync = loadfsm.WeightSync(model, session=report, trace=True)
     with capture_logs() as logs:
         sync.push(reference_state_dict(SMALL, 1).items())
-    assert_qkv_reloaded(logs)
-
-
-RELOAD_QKV = [("FINALIZED", "META", "reload"), ("META", "PARTIAL", "arrive"),
-              ("PARTIAL", "PARTIAL", "arrive"), ("PARTIAL", "PARTIAL", "arrive"),
-              ("PARTIAL", "COMPLETE", "complete"), ("COMPLETE", "QUANTIZED", "quantize"),
-              ("QUANTIZED", "FINALIZED", "finalize")]
-
-
-def assert_qkv_reloaded(logs, layer=QKV0):
-    """The trace of one push shows ``layer``'s exact reload sequence, then the summary."""
-    steps = [(e["src"], e["dst"], e["trigger"]) for e in logs
-             if e["event"] == "layer_transition" and e["layer"] == layer]
-    assert steps == RELOAD_QKV
-    assert logs[-1]["event"] == "push_complete"
+    assert_qkv_reloaded(logs, QKV0)
 
 
 def test_partial_push_leaves_untouched_layers_identical(fresh):
     """Pushing only attention projections changes those layers and nothing else."""
     model, sync = _engine(SMALL)
-    old = _snapshot(model)
+    old = snapshot(model)
     new_state = reference_state_dict(SMALL, 1)
     attn = {n: t for n, t in new_state.items() if ".self_attn." in n}
     report = sync.push(attn.items())
-    verdict = _layers_old_or_new(model, old, fresh(SMALL, 1))
+    verdict = old_or_new(model, old, fresh(SMALL, 1))
     new_layers = sorted(layer for layer, kind in verdict.items() if kind == "new")
     assert new_layers == sorted(report.committed)
     assert all(".self_attn." in layer for layer in new_layers)
@@ -209,13 +150,13 @@ def test_partial_push_leaves_untouched_layers_identical(fresh):
 def test_missing_piece_raises_naming_layer_and_pieces(fresh):
     """A touched layer without its v_proj keeps its old weights; the error names both."""
     model, sync = _engine(SMALL)
-    old = _snapshot(model)
+    old = snapshot(model)
     state = reference_state_dict(SMALL, 1)
     del state["model.layers.0.self_attn.v_proj.weight"]
     with pytest.raises(loadfsm.PushError, match="v_proj") as info:
         sync.push(state.items())
     assert QKV0 in str(info.value) and info.value.layer == QKV0
-    verdict = _layers_old_or_new(model, old, fresh(SMALL, 1))
+    verdict = old_or_new(model, old, fresh(SMALL, 1))
     assert verdict[QKV0] == "old" and QKV0 not in info.value.committed
     assert sorted(info.value.committed) == sorted(k for k, v in verdict.items() if v == "new")
 
@@ -223,7 +164,7 @@ def test_missing_piece_raises_naming_layer_and_pieces(fresh):
 def test_wrong_shape_mid_push_rolls_back_and_retry_succeeds(fresh):
     """A bad tensor halfway: every layer wholly old or new, committed listed, retry works."""
     model, sync = _engine(SMALL, commit_bytes=0)
-    old = _snapshot(model)
+    old = snapshot(model)
     items = list(reference_state_dict(SMALL, 1).items())
     middle = len(items) // 2
     bad = items[:middle] + [(items[middle][0], torch.zeros(3, 3))] + items[middle + 1:]
@@ -231,17 +172,17 @@ def test_wrong_shape_mid_push_rolls_back_and_retry_succeeds(fresh):
         sync.push(bad)
     assert isinstance(info.value.__cause__, loadfsm.ShapeMismatchError)
     assert info.value.tensor == items[middle][0]
-    verdict = _layers_old_or_new(model, old, fresh(SMALL, 1))
+    verdict = old_or_new(model, old, fresh(SMALL, 1))
     assert sorted(info.value.committed) == sorted(k for k, v in verdict.items() if v == "new")
     assert info.value.committed and "old" in verdict.values()
     sync.push(items)
-    _assert_equal_models(model, fresh(SMALL, 1))
+    assert_same_tensors(model.state_dict(), fresh(SMALL, 1))
 
 
 def test_iterator_raising_midway_rolls_back_and_retry_succeeds(fresh):
     """The trainer's iterator raising halfway leaves layers wholly old or new; retry works."""
     model, sync = _engine(SMALL, commit_bytes=0)
-    old = _snapshot(model)
+    old = snapshot(model)
     items = list(reference_state_dict(SMALL, 1).items())
 
     def dropped_connection():
@@ -251,45 +192,58 @@ def test_iterator_raising_midway_rolls_back_and_retry_succeeds(fresh):
     with pytest.raises(loadfsm.PushError, match="trainer went away") as info:
         sync.push(dropped_connection())
     assert isinstance(info.value.__cause__, ConnectionError)
-    verdict = _layers_old_or_new(model, old, fresh(SMALL, 1))
+    verdict = old_or_new(model, old, fresh(SMALL, 1))
     assert sorted(info.value.committed) == sorted(k for k, v in verdict.items() if v == "new")
     assert all(r.state is loadfsm.LayerState.FINALIZED and not r.staging
                for r in sync.session.plan.layers.values())
     assert sync.session.ledger.staging == 0
     sync.push(items)
-    _assert_equal_models(model, fresh(SMALL, 1))
+    assert_same_tensors(model.state_dict(), fresh(SMALL, 1))
 
 
 def test_non_finite_push_rolls_back_its_layer():
     """A NaN weight is refused before anything is committed into that layer."""
     model, sync = _engine(SMALL)
-    old = _snapshot(model)
+    old = snapshot(model)
     state = reference_state_dict(SMALL, 1)
     state["model.layers.0.self_attn.k_proj.weight"][0, 0] = float("nan")
     with pytest.raises(loadfsm.PushError) as info:
         sync.push(state.items())
     assert isinstance(info.value.__cause__, loadfsm.NonFiniteWeightError)
-    assert _same(model.state_dict()[f"{QKV0}.weight"], old[f"{QKV0}.weight"])
+    assert same(model.state_dict()[f"{QKV0}.weight"], old[f"{QKV0}.weight"])
 
 
 def test_model_atomic_failure_commits_nothing():
     """With atomic='model' a failure at the last tensor leaves the whole model old."""
     model, sync = _engine(SMALL, atomic="model")
-    old = _snapshot(model)
+    old = snapshot(model)
     items = list(reference_state_dict(SMALL, 1).items())
     items[-1] = (items[-1][0], torch.zeros(1))
     with pytest.raises(loadfsm.PushError) as info:
         sync.push(items)
     assert info.value.committed == []
-    _assert_equal_models(model, old)
+    assert_same_tensors(model.state_dict(), old)
     assert sync.session.ledger.staging == 0
+
+
+def test_model_atomic_nan_rolls_back_every_layer():
+    """With atomic='model' a NaN found at the end rolls every layer back."""
+    model, sync = _engine(SMALL, atomic="model")
+    old = snapshot(model)
+    state = reference_state_dict(SMALL, 1)
+    state["model.layers.0.self_attn.k_proj.weight"][0, 0] = float("nan")
+    with pytest.raises(loadfsm.PushError) as info:
+        sync.push(state.items())
+    assert isinstance(info.value.__cause__, loadfsm.NonFiniteWeightError)
+    assert all(r.state is loadfsm.LayerState.FINALIZED for r in sync.session.plan.layers.values())
+    assert_same_tensors(model.state_dict(), old)
 
 
 def test_model_atomic_push_matches_fresh_load(fresh):
     """With atomic='model' a good push commits every touched layer at the end."""
     model, sync = _engine(SMALL, atomic="model")
     report = sync.push(reference_state_dict(SMALL, 1).items())
-    _assert_equal_models(model, fresh(SMALL, 1))
+    assert_same_tensors(model.state_dict(), fresh(SMALL, 1))
     assert report.layers_updated == len(report.committed) > 0
 
 
@@ -298,7 +252,7 @@ def test_dummy_engine_then_full_push_equals_real_load(fresh):
     model = build_model(SMALL)
     report = loadfsm.load(model, None, load_format="dummy", quant="fp8", device="cpu")
     loadfsm.WeightSync(model, session=report).push(reference_state_dict(SMALL, 1).items())
-    _assert_equal_models(model, fresh(SMALL, 1))
+    assert_same_tensors(model.state_dict(), fresh(SMALL, 1))
 
 
 def test_sync_report_figures():
@@ -318,10 +272,10 @@ def test_sync_report_figures():
 def test_unknown_name_raises_and_changes_nothing():
     """A name that is neither a checkpoint tensor nor a parameter is refused."""
     model, sync = _engine(SMALL)
-    old = _snapshot(model)
+    old = snapshot(model)
     with pytest.raises(loadfsm.PushError, match="nonsense.weight"):
         sync.push([("nonsense.weight", torch.zeros(2))])
-    _assert_equal_models(model, old)
+    assert_same_tensors(model.state_dict(), old)
 
 
 def test_sync_refuses_a_session_of_another_model():
@@ -334,7 +288,7 @@ def test_sync_refuses_a_session_of_another_model():
 
 
 class ManyLinearsModel(nn.Module):
-    """Many small linears: one layer each, to time per-layer bookkeeping."""
+    """Many small linears: one layer each, to count per-layer bookkeeping."""
 
     def __init__(self, n):
         super().__init__()
@@ -342,31 +296,34 @@ class ManyLinearsModel(nn.Module):
 
 
 def _many(n):
+    """A sync over a loaded ``ManyLinearsModel(n)`` that has pushed once, and its weights."""
     with torch.device("meta"):
         model = ManyLinearsModel(n)
     state = {f"layers.{i}.weight": torch.randn(16, 16, dtype=torch.bfloat16) for i in range(n)}
     report = loadfsm.load(model, state.items(), quant="fp8", device="cpu")
-    return loadfsm.WeightSync(model, session=report), list(state.items())
-
-
-def _best_time(sync, items, reps=5):
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        sync.push(items)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    sync = loadfsm.WeightSync(model, session=report)
+    sync.push(state.items())            # what a first push sets up once is not per layer
+    return sync, list(state.items())
 
 
 def test_push_cost_is_linear_in_layers_pushed():
-    """8 layers in an 8-layer model vs 8 and 512 layers of a 512-layer model: linear."""
-    small, small_items = _many(8)
-    big, big_items = _many(512)
-    baseline = _best_time(small, small_items)
-    few_of_many = _best_time(big, big_items[:8])
-    all_of_many = _best_time(big, big_items, reps=2)
-    assert few_of_many < 4 * baseline            # no cost per layer of the model
-    assert all_of_many < 64 * baseline * 4       # 64x the layers, well under 256x the time
+    """Pushing k of a model's n layers costs about a*k + b*n: no k*n term (no scan of the
+    model per pushed tensor) and nothing quadratic in k. Work is counted in Python lines,
+    not timed (benchmarks/scaling_bench.py times it)."""
+    lines = {}
+    for n in (64, 512):
+        sync, items = _many(n)
+        for k in sorted({8, 64, n}):
+            with lines_run() as work:
+                sync.push(items[:k])
+            lines[n, k] = work.lines
+    per_pushed = (lines[512, 64] - lines[512, 8]) / 56
+    # The 448 layers the larger model adds cost a push the same for 8 or 64 pushed layers,
+    # and far less than pushing them would.
+    idle_8, idle_64 = lines[512, 8] - lines[64, 8], lines[512, 64] - lines[64, 64]
+    assert abs(idle_64 - idle_8) < 0.05 * 56 * per_pushed, (idle_8, idle_64, per_pushed)
+    assert idle_8 < 448 * per_pushed / 10, (idle_8, per_pushed)
+    assert (lines[512, 512] - lines[512, 64]) / 448 < 1.25 * per_pushed, lines
 
 
 def test_push_never_keeps_or_changes_the_trainers_tensors():
@@ -392,13 +349,13 @@ def test_commit_budget_bounds_extra_memory(budget, fresh):
     held_total = sum(r.final_bytes for r in sync.session.plan.layers.values())
     bound = min(budget + largest, held_total) + biggest_staging + largest
     assert report.peak_extra_bytes <= bound
-    _assert_equal_models(model, fresh(SMALL, 1))
+    assert_same_tensors(model.state_dict(), fresh(SMALL, 1))
 
 
 def test_nan_in_a_held_batch_commits_none_of_it():
     """A NaN found at verification leaves every layer of the batch old; the rest is exact."""
     model, sync = _engine(SMALL, commit_bytes=1 << 40)
-    old = _snapshot(model)
+    old = snapshot(model)
     state = reference_state_dict(SMALL, 1)
     name = next(n for n in state if n.endswith("mlp.down_proj.weight"))
     state[name] = state[name].clone()
@@ -407,14 +364,14 @@ def test_nan_in_a_held_batch_commits_none_of_it():
         sync.push(state.items())
     assert isinstance(info.value.__cause__, loadfsm.NonFiniteWeightError)
     assert name in str(info.value.__cause__) and info.value.committed == []
-    _assert_equal_models(model, old)
+    assert_same_tensors(model.state_dict(), old)
 
 
 def test_commit_checks_every_tensor_before_copying(monkeypatch, fresh):
     """A result that cannot fit its live tensor fails the commit before any copy."""
     from loadfsm.handlers.fp8 import Fp8Handler
     model, sync = _engine(SMALL, commit_bytes=0)
-    old = _snapshot(model)
+    old = snapshot(model)
     real = Fp8Handler.quantize
 
     def bad_scale(self, rec, config):
@@ -427,7 +384,7 @@ def test_commit_checks_every_tensor_before_copying(monkeypatch, fresh):
         sync.push(reference_state_dict(SMALL, 1).items())
     assert isinstance(info.value.__cause__, loadfsm.ShapeMismatchError)
     failed = info.value.__cause__.layer
-    verdict = _layers_old_or_new(model, old, fresh(SMALL, 1))
+    verdict = old_or_new(model, old, fresh(SMALL, 1))
     assert verdict[failed] == "old" and failed not in info.value.committed
     assert sorted(info.value.committed) == sorted(k for k, v in verdict.items() if v == "new")
 
@@ -449,24 +406,24 @@ def test_bad_item_mid_push_is_typed_rolls_back_and_retry_succeeds(bad, fresh):
     """A malformed (name, tensor) item halfway raises PushError from BadWeightItemError;
     every layer is wholly old or new and a retry succeeds."""
     model, sync = _engine(SMALL, commit_bytes=0)
-    old = _snapshot(model)
+    old = snapshot(model)
     items = list(reference_state_dict(SMALL, 1).items())
     middle = len(items) // 2
     with pytest.raises(loadfsm.PushError) as info:
         sync.push(items[:middle] + [bad] + items[middle:])
     assert isinstance(info.value.__cause__, loadfsm.BadWeightItemError)
-    _layers_old_or_new(model, old, fresh(SMALL, 1))
+    old_or_new(model, old, fresh(SMALL, 1))
     sync.push(items)
-    _assert_equal_models(model, fresh(SMALL, 1))
+    assert_same_tensors(model.state_dict(), fresh(SMALL, 1))
 
 
 def test_push_of_a_mapping_is_refused_before_anything_changes():
     """A dict (not its .items()) is refused at once with BadWeightItemError."""
     model, sync = _engine(SMALL)
-    old = _snapshot(model)
+    old = snapshot(model)
     with pytest.raises(loadfsm.BadWeightItemError, match=r"\.items\(\)"):
         sync.push(reference_state_dict(SMALL, 1))
-    _assert_equal_models(model, old)
+    assert_same_tensors(model.state_dict(), old)
 
 
 class RouterWithBiasBuffer(nn.Module):
@@ -503,7 +460,7 @@ def test_push_of_parameters_only_keeps_the_live_buffers(quant):
         model = BufferedRouterModel().to(torch.bfloat16)
     first, second = _router_state(0), _router_state(1)
     loadfsm.load(model, first.items(), quant=quant, device="cpu")
-    addresses = _addresses(model)
+    before = addresses(model)
     params_only = {k: v for k, v in second.items() if k != "gate.e_score_correction_bias"}
     with capture_logs() as events:
         loadfsm.WeightSync(model, trace=True).push(params_only.items())
@@ -512,8 +469,8 @@ def test_push_of_parameters_only_keeps_the_live_buffers(quant):
     loadfsm.load(expected, {**params_only,
                             "gate.e_score_correction_bias": first["gate.e_score_correction_bias"]
                             }.items(), quant=quant, device="cpu")
-    _assert_equal_models(model, expected.state_dict())
-    assert _addresses(model) == addresses
+    assert_same_tensors(model.state_dict(), expected.state_dict())
+    assert addresses(model) == before
     kept = [(e["layer"], e["pieces"]) for e in events if e["event"] == "buffers_kept"]
     assert kept == [("gate", ["gate.e_score_correction_bias"])]
 
@@ -523,8 +480,8 @@ def test_push_missing_a_parameter_still_fails_when_buffers_are_kept():
     with torch.device("meta"):
         model = BufferedRouterModel().to(torch.bfloat16)
     loadfsm.load(model, _router_state(0).items(), device="cpu")
-    old = _snapshot(model)
+    old = snapshot(model)
     with pytest.raises(loadfsm.PushError, match="gate.weight"):
         loadfsm.WeightSync(model).push([("gate.e_score_correction_bias",
                                          _router_state(1)["gate.e_score_correction_bias"])])
-    _assert_equal_models(model, old)
+    assert_same_tensors(model.state_dict(), old)

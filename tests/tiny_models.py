@@ -1,5 +1,6 @@
 """Tiny models named for the case they test, checkpoint helpers for them, the small Llama
-config the push, reliability and trace tests share, and arrival orders."""
+configs the push, engine, reliability and trace tests share, loads through an engine's own
+``load_weights``, and arrival orders."""
 
 from __future__ import annotations
 
@@ -11,10 +12,22 @@ from torch import nn
 
 import loadfsm
 from loadfsm.testing import CONFIGS, build_model
-from loadfsm.pieces import Piece, fused_rows
+from loadfsm.testing.engine_llama import EngineLlamaForCausalLM
+from loadfsm.pieces import fused_rows
 
 SMALL = replace(CONFIGS["tiny"], vocab_size=256, hidden_size=64, intermediate_size=128,
                 num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=16)
+
+
+def _four_experts(config):
+    return replace(config, num_experts=4, experts_per_token=2, moe_intermediate_size=64)
+
+
+SMALL_MOE = _four_experts(SMALL)
+# Vocab 500 padded to 512 rows (2 x 256 for two ranks): the engine-hook and TP tests' Llama.
+PADDED_SMALL = replace(SMALL, vocab_size=500, pad_vocab_to=64)
+PADDED_SMALL_MOE = _four_experts(PADDED_SMALL)
+QKV0 = "model.layers.0.self_attn.qkv_proj"     # layer 0's fused qkv, in every model above
 
 
 class NormAndLinears(nn.Module):
@@ -82,3 +95,23 @@ def round_robin(config, state):
         by_layer.setdefault(plan.by_ckpt[name].name, []).append((name, tensor))
     queues = list(by_layer.values())
     return [queue[i] for i in range(max(map(len, queues))) for queue in queues if i < len(queue)]
+
+
+def engine_model(config=PADDED_SMALL):
+    """The vLLM-style Llama (a ``weight_loader`` per parameter, fused qkv and gate_up)."""
+    with torch.device("meta"):
+        return EngineLlamaForCausalLM(config, dtype=torch.bfloat16)
+
+
+def hook_load(config, weights, quant=None, **kwargs):
+    """An engine model loaded by its own ``load_weights(weights)`` inside a LoadSession."""
+    model = engine_model(config)
+    with loadfsm.LoadSession(model, quant=quant, device="cpu", **kwargs) as session:
+        model.load_weights(weights)
+    return model, session
+
+
+def randn(*shape: int, seed: int = 0, device="cpu") -> torch.Tensor:
+    """A seeded standard-normal bf16 tensor."""
+    gen = torch.Generator(device).manual_seed(seed)
+    return torch.randn(*shape, generator=gen, device=device).to(torch.bfloat16)

@@ -1,0 +1,80 @@
+"""Comparisons the tests share: tensors equal bit for bit, a model's tensors and their
+addresses, per-layer old/new verdicts after a push, engine loaders given back, and a
+layer's exact reload sequence in a trace."""
+
+from __future__ import annotations
+
+import torch
+
+
+def bits(tensor):
+    return tensor.detach().reshape(-1).view(torch.uint8)
+
+
+def same(a, b):
+    """Same dtype, shape and bytes (FP8, NaN and -0.0 included); a meta tensor is never same."""
+    return (a.dtype == b.dtype and a.shape == b.shape and not a.is_meta and not b.is_meta
+            and torch.equal(bits(a), bits(b)))
+
+
+def assert_same_tensors(ours: dict, theirs: dict) -> None:
+    """Same names, and under each name the same tensor bit for bit."""
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        assert same(ours[name], tensor), name
+
+
+def snapshot(model):
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+def addresses(model):
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return {name: (t.data_ptr(), t.shape, t.stride(), t.dtype) for name, t in tensors.items()}
+
+
+def layer_verdicts(model, old, new):
+    """Per layer (module name): {'old'}, {'new'} or {'old', 'new'} (both alike).
+
+    Fails when a layer mixes old and new tensors or matches neither."""
+    verdict = {}
+    for name, tensor in model.state_dict().items():
+        kinds = {k for k, ref in (("old", old), ("new", new)) if same(tensor, ref[name])}
+        assert kinds, f"{name} is neither old nor new"
+        layer = name.rpartition(".")[0]
+        verdict[layer] = verdict.get(layer, kinds) & kinds
+        assert verdict[layer], f"layer {layer} mixes old and new tensors"
+    return verdict
+
+
+def old_or_new(model, old, new):
+    """Per layer that differs between ``old`` and ``new``: "old" or "new" (fails as
+    ``layer_verdicts`` does)."""
+    return {layer: "new" if kinds == {"new"} else "old"
+            for layer, kinds in layer_verdicts(model, old, new).items() if len(kinds) == 1}
+
+
+def loader_snapshot(model):
+    """Each parameter with a copy of its attributes (an engine's ``weight_loader`` among them)."""
+    return {name: (p, dict(vars(p))) for name, p in model.named_parameters()}
+
+
+def assert_loaders_restored(snapshot):
+    """Every parameter holds exactly the attribute objects ``loader_snapshot`` saw."""
+    for name, (param, attrs) in snapshot.items():
+        assert vars(param).keys() == attrs.keys(), name
+        assert all(vars(param)[k] is v for k, v in attrs.items()), name
+
+
+RELOAD_QKV = [("FINALIZED", "META", "reload"), ("META", "PARTIAL", "arrive"),
+              ("PARTIAL", "PARTIAL", "arrive"), ("PARTIAL", "PARTIAL", "arrive"),
+              ("PARTIAL", "COMPLETE", "complete"), ("COMPLETE", "QUANTIZED", "quantize"),
+              ("QUANTIZED", "FINALIZED", "finalize")]
+
+
+def assert_qkv_reloaded(logs, layer):
+    """The trace of one push shows fused ``layer``'s exact reload sequence, then the summary."""
+    steps = [(e["src"], e["dst"], e["trigger"]) for e in logs
+             if e["event"] == "layer_transition" and e["layer"] == layer]
+    assert steps == RELOAD_QKV
+    assert logs[-1]["event"] == "push_complete"
