@@ -8,7 +8,7 @@ from torch import nn
 
 import loadfsm
 from loadfsm.handlers import Handler, Install, handler_for, installer_of, register_handler
-from loadfsm.handlers.engine_fp8 import InstallFp8Handler
+from loadfsm.handlers.engine_fp8 import Fp8WeightsHandler
 from loadfsm.handlers.fp8 import Fp8ExpertsHandler, Fp8LinearHandler
 from loadfsm.handlers.kv_scales import KvScalesHandler
 from loadfsm.handlers.registry import _BY_CONFIG
@@ -81,12 +81,11 @@ def test_kv_scale_modules_take_their_handler_under_any_config():
     assert type(handler_for("attn", module, FP8)) is KvScalesHandler
 
 
-def test_engine_modules_with_install_fp8_are_claimed_by_predicate():
+def test_engine_modules_listing_fp8_weights_are_claimed_by_predicate():
     module = nn.Module()
     module.weight = nn.Parameter(torch.empty(4, 4))
     module.fp8_weights = ("weight",)
-    module.install_fp8 = lambda tensors, config: None
-    assert type(handler_for("x", module, FP8)) is InstallFp8Handler
+    assert type(handler_for("x", module, FP8)) is Fp8WeightsHandler
     assert type(handler_for("x", module, None)) is Handler
 
 

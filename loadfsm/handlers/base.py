@@ -12,7 +12,7 @@ finiteness batch verifies every piece). Lifecycle: ARCHITECTURE.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -20,22 +20,20 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Install:
-    """What a first load puts into the model for one layer; exactly one form is used.
+    """What a first load puts into the model for one layer.
 
     Args:
-        tensors: attribute -> tensor, set on the layer's module (and every module tied
-            to it) as a parameter or buffer, as the slot was planned.
         module: a kernel module that replaces the layer's module under every name.
+        tensors: attribute -> tensor, set on the (new) module, and every module tied to
+            it, as the slot was planned: a parameter or a buffer; a tensor that is no
+            planned slot (an FP8 weight's scale) becomes a frozen parameter.
         attrs: plain attributes set on the module beside ``tensors`` (an engine's
             ``quant_method``, ``input_scale = None``).
-        apply: an engine module's own installer (``module.install_fp8(...)``) for
-            modules loadfsm cannot describe; called by the writer, nothing else.
     """
 
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     module: nn.Module | None = None
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     attrs: dict[str, Any] = field(default_factory=dict)
-    apply: Callable[[], None] | None = None
 
 
 class Handler:

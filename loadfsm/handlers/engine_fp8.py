@@ -3,9 +3,9 @@
 An engine's linear or fused-MoE module runs FP8 itself (vLLM: ``quant_method.apply``),
 with its tensor-parallel collectives in its own ``forward``; the module is never
 swapped, so its forward keeps running. Two ways in:
-- a module that names its FP8 weights in ``fp8_weights`` (attribute names) and takes
-  the results in ``install_fp8(tensors, config)``: ``{attr: q, f"{attr}_scale": scale}``
-  for each FP8 weight, every other attribute (bias) as loaded;
+- a module that names its FP8 weights in ``fp8_weights`` (attribute names): each becomes
+  an FP8 parameter with a ``{attr}_scale`` parameter beside it, every other attribute
+  (bias) is loaded as it is, and ``module.fp8_config`` is set to the config;
 - an engine class loadfsm cannot edit registers an ``Fp8Layout``
   (``register_fp8_layout``), which also puts the results in the engine's kernel layout
   before they are installed or, on reload, copied in place.
@@ -14,7 +14,6 @@ swapped, so its forward keeps running. Two ways in:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable
 
 from torch import nn
@@ -63,8 +62,8 @@ class EngineFp8Handler(Fp8Handler):
         return Install(tensors=dict(rec.results), attrs=self.layout.attrs(rec.module, config))
 
 
-class InstallFp8Handler(Fp8Handler):
-    """FP8 through the module's own ``fp8_weights`` / ``install_fp8``."""
+class Fp8WeightsHandler(Fp8Handler):
+    """FP8 for a module that lists its FP8 weights in ``fp8_weights``."""
 
     name = "engine_fp8"
 
@@ -72,7 +71,7 @@ class InstallFp8Handler(Fp8Handler):
         return tuple(rec.module.fp8_weights)
 
     def install(self, rec, config) -> Install:
-        return Install(apply=partial(rec.module.install_fp8, dict(rec.results), config))
+        return Install(tensors=dict(rec.results), attrs={"fp8_config": config})
 
 
 def register_fp8_layout(cls: type[nn.Module], layout: Fp8Layout) -> None:
@@ -81,5 +80,6 @@ def register_fp8_layout(cls: type[nn.Module], layout: Fp8Layout) -> None:
                      subclasses=True, when=lambda name, module: not layout.skip(name, module))
 
 
-register_handler(InstallFp8Handler(), config=Fp8Config,
-                 when=lambda name, module: callable(getattr(module, "install_fp8", None)))
+register_handler(Fp8WeightsHandler(), config=Fp8Config,
+                 when=lambda name, module: isinstance(getattr(module, "fp8_weights", None),
+                                                      tuple))

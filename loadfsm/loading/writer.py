@@ -53,8 +53,6 @@ class ModelWriter:
 
     def install(self, rec: LayerRecord, install: Install) -> None:
         """First load: apply what the layer's handler returned."""
-        if install.apply is not None:
-            install.apply()
         if install.module is not None:
             self.replace_module(rec, install.module)
         for attr, tensor in install.tensors.items():

@@ -6,7 +6,7 @@ self.weight_loader``, as vLLM does). A loader takes the full checkpoint tensor (
 lazy ``sources.safetensors_slices.LazySlice``) and narrows it to this rank's part; shard ids
 are ``"q"/"k"/"v"`` (QKV), ``0/1`` (merged gate/up) and ``"w1"/"w2"/"w3"`` with an
 ``expert_id`` (fused MoE). ``loader_shards`` declares each layer's local layout for
-loadfsm's engine hook; ``fp8_weights`` / ``install_fp8`` let it run FP8 in its own
+loadfsm's engine hook; ``fp8_weights`` / ``fp8_config`` let it run FP8 in its own
 forward, so the collectives (all-reduce after row-parallel layers, all-gather of
 logits) keep running.
 """
@@ -35,10 +35,6 @@ def _param(shape, dtype, loader, **attrs) -> nn.Parameter:
     return param
 
 
-def _fp8_param(tensor: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(tensor, requires_grad=False)
-
-
 @register_shard_layout(Attention)
 def _attention_scales(module: Attention):
     # Kv-cache scales: FP8-KV checkpoints carry them, bf16 ones do not (default 1.0).
@@ -46,7 +42,8 @@ def _attention_scales(module: Attention):
 
 
 class LinearBase(nn.Module):
-    """``weight``: [out_local, in_local]; FP8 once ``install_fp8`` ran."""
+    """``weight``: [out_local, in_local]; FP8 (with ``weight_scale``) once loadfsm set
+    ``fp8_config``."""
 
     fp8_weights = ("weight",)
 
@@ -61,12 +58,6 @@ class LinearBase(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded_weight) -> None:
         default_weight_loader(param, loaded_weight)
-
-    def install_fp8(self, tensors: dict[str, torch.Tensor], config) -> None:
-        """Take the FP8 weight and its scale (the engine's kernel format)."""
-        self.weight = _fp8_param(tensors["weight"])
-        self.weight_scale = _fp8_param(tensors["weight_scale"])
-        self.fp8_config = config
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in_local] -> [..., out_local]
@@ -231,12 +222,6 @@ class FusedMoE(StackedExperts):
             expert.narrow(0, offset, size).copy_(loaded_weight.narrow(0, start, size))
         else:
             raise ValueError(f"shard_id must be w1, w2 or w3, got {shard_id!r}")
-
-    def install_fp8(self, tensors: dict[str, torch.Tensor], config) -> None:
-        for name in self.fp8_weights:
-            setattr(self, name, _fp8_param(tensors[name]))
-            setattr(self, f"{name}_scale", _fp8_param(tensors[f"{name}_scale"]))
-        self.fp8_config = config
 
     def expert_linear(self, x: torch.Tensor, which: str, expert: int) -> torch.Tensor:
         name = self._ATTRS[which]
