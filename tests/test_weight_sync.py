@@ -201,15 +201,20 @@ def test_iterator_raising_midway_rolls_back_and_retry_succeeds(fresh):
     assert_same_tensors(model.state_dict(), fresh(SMALL, 1))
 
 
-def test_non_finite_push_rolls_back_its_layer():
-    """A NaN weight is refused before anything is committed into that layer."""
-    model, sync = _engine(SMALL)
-    old = snapshot(model)
+def _push_nan_into_qkv0(sync):
+    """Push seed 1 with one NaN in layer 0's k_proj: it fails as non-finite."""
     state = reference_state_dict(SMALL, 1)
     state["model.layers.0.self_attn.k_proj.weight"][0, 0] = float("nan")
     with pytest.raises(loadfsm.PushError) as info:
         sync.push(state.items())
     assert isinstance(info.value.__cause__, loadfsm.NonFiniteWeightError)
+
+
+def test_non_finite_push_rolls_back_its_layer():
+    """A NaN weight is refused before anything is committed into that layer."""
+    model, sync = _engine(SMALL)
+    old = snapshot(model)
+    _push_nan_into_qkv0(sync)
     assert same(model.state_dict()[f"{QKV0}.weight"], old[f"{QKV0}.weight"])
 
 
@@ -230,11 +235,7 @@ def test_model_atomic_nan_rolls_back_every_layer():
     """With atomic='model' a NaN found at the end rolls every layer back."""
     model, sync = _engine(SMALL, atomic="model")
     old = snapshot(model)
-    state = reference_state_dict(SMALL, 1)
-    state["model.layers.0.self_attn.k_proj.weight"][0, 0] = float("nan")
-    with pytest.raises(loadfsm.PushError) as info:
-        sync.push(state.items())
-    assert isinstance(info.value.__cause__, loadfsm.NonFiniteWeightError)
+    _push_nan_into_qkv0(sync)
     assert all(r.state is loadfsm.LayerState.FINALIZED for r in sync.session.plan.layers.values())
     assert_same_tensors(model.state_dict(), old)
 
