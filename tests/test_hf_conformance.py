@@ -25,6 +25,7 @@ import loadfsm  # noqa: E402
 import loadfsm.hf  # noqa: E402
 from loadfsm.integrations.hf_experts import Fp8Experts  # noqa: E402
 from loadfsm.quant.fp8 import sqnr_db  # noqa: E402
+from loadfsm.sources.checkpoint_files import INDEX_NAME  # noqa: E402
 from checks import addresses, assert_same_tensors  # noqa: E402
 
 _DECODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -133,7 +134,7 @@ class _Store:
                 _trained_like(model)
             path = self.root / f"{family.model_type}-{seed}"
             model.save_pretrained(path, max_shard_size="100KB")
-            assert (path / "model.safetensors.index.json").exists()
+            assert (path / INDEX_NAME).exists()
             paths.append(path)
         return Checkpoints(family, paths[0], model, paths[1])
 
@@ -159,7 +160,7 @@ def _trainer_tensors(trainer):
 
 def _checkpoint_tensors(path: Path):
     """Every tensor of a sharded checkpoint under its file name (the saved state dict)."""
-    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index = json.loads((path / INDEX_NAME).read_text())
     for file in sorted(set(index["weight_map"].values())):
         yield from load_file(path / file).items()
 

@@ -12,7 +12,8 @@ Regions are in the module's own (tensor-parallel local) shapes. Parameters with 
 declared layout expect one call without a shard id (the region it writes is read
 from the write itself: see ``writes``). Non-persistent buffers a ``meta``-built engine
 module never computed (a rotary cache) are computed at the end of the load by its
-``compute_buffers(device)`` or a function registered with ``register_buffer_init``.
+``compute_buffers(device)`` or a function registered with
+``loading.writer.register_buffer_init``.
 The layouts of vLLM's classes (``vllm_layouts``) register themselves the first time
 pieces are planned in a process that has imported vLLM.
 """
@@ -24,7 +25,6 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-import torch
 from torch import nn
 
 from ..errors import ShapeMismatchError
@@ -53,24 +53,6 @@ class LoaderShard:
 
 
 _LAYOUTS: dict[type, Callable[[nn.Module], Iterable[LoaderShard]]] = {}
-_BUFFER_INITS: dict[type, Callable[[nn.Module, torch.device], None]] = {}
-
-
-def _register(table: dict, cls: type[nn.Module]):
-    """A decorator that files its function under ``cls`` in ``table``."""
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(f"{cls!r} is not an nn.Module subclass")
-
-    def wrap(fn):
-        table[cls] = fn
-        return fn
-
-    return wrap
-
-
-def _registered(table: dict, module: nn.Module):
-    """The function ``table`` holds for ``module``'s class or its nearest base, or ``None``."""
-    return next((table[k] for k in type(module).__mro__ if k in table), None)
 
 
 def register_shard_layout(cls: type[nn.Module]):
@@ -83,23 +65,14 @@ def register_shard_layout(cls: type[nn.Module]):
             q, kv = m.num_heads * m.head_size, m.num_kv_heads * m.head_size
             return [LoaderShard("weight", "q", (rows(0, q),)), ...]
     """
-    return _register(_LAYOUTS, cls)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"{cls!r} is not an nn.Module subclass")
 
+    def wrap(fn):
+        _LAYOUTS[cls] = fn
+        return fn
 
-def register_buffer_init(cls: type[nn.Module]):
-    """Decorator: ``fn(module, device)`` computes the non-persistent buffers of ``cls``
-    modules built on ``meta`` (an engine class's rotary cache), as their own
-    ``compute_buffers(device)`` method would."""
-    return _register(_BUFFER_INITS, cls)
-
-
-def buffer_init(module: nn.Module) -> Callable[[torch.device], None] | None:
-    """``module``'s buffer computation: its own ``compute_buffers`` or a registered one."""
-    own = getattr(module, "compute_buffers", None)
-    if callable(own):
-        return own
-    fn = _registered(_BUFFER_INITS, module)
-    return None if fn is None else lambda device: fn(module, device)
+    return wrap
 
 
 def shard_layout(module: nn.Module) -> list[LoaderShard] | None:
@@ -107,7 +80,7 @@ def shard_layout(module: nn.Module) -> list[LoaderShard] | None:
     own = getattr(module, "loader_shards", None)
     if callable(own):
         return list(own())
-    fn = _registered(_LAYOUTS, module)
+    fn = next((_LAYOUTS[k] for k in type(module).__mro__ if k in _LAYOUTS), None)
     return None if fn is None else list(fn(module))
 
 

@@ -14,10 +14,11 @@ from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
 from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
 
+from ..loading.writer import register_buffer_init
 from ..pieces import rows
 from ..quant.kv_cache import VLLM_KV_SCALES
 from . import vllm_fp8  # noqa: F401  (vLLM's FP8 layouts register with the handler)
-from .engine_shards import LoaderShard, register_buffer_init, register_shard_layout
+from .engine_shards import LoaderShard, register_shard_layout
 
 
 def _fused_rows(module, shards: list[tuple[object, int]]) -> list[LoaderShard]:

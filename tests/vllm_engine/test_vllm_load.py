@@ -37,6 +37,19 @@ def test_bit_identical_to_vllm_load(kind, ckpts, dist, reference):
         assert torch.equal(ours[name], tensor), name
 
 
+def test_rotary_caches_computed_on_a_meta_built_model(ckpts, dist, reference, monkeypatch):
+    """The load computes the rotary caches of a model built on meta, equal to vLLM's own
+    (vLLM's get_rope cache emptied first, so no rotary module is shared with a CPU model)."""
+    from vllm.model_executor.layers import rotary_embedding
+    monkeypatch.setattr(rotary_embedding, "_ROPE_DICT", {})
+    model, _, _ = hooked_load(ckpts["llama"][0])
+    caches = {n: b for n, b in model.named_buffers() if n.endswith("cos_sin_cache")}
+    theirs = dict(reference["llama"][0].named_buffers())
+    assert caches
+    for name, cache in caches.items():
+        assert not cache.is_meta and torch.equal(cache, theirs[name]), name
+
+
 def loader_of(param):
     return vars(param).get("_weight_loader", vars(param).get("weight_loader"))
 
