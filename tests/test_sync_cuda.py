@@ -39,7 +39,7 @@ def test_graph_replay_after_push_gives_fresh_load_output(quant):
                         generator=torch.Generator("cuda").manual_seed(0))
     graph, out = _capture(model, ids)
     graph.replay()
-    before, moved = out.clone(), addresses(model)
+    before, addrs = out.clone(), addresses(model)
     loadfsm.WeightSync(model).push(reference_state_dict("tiny", 1).items())
     graph.replay()
     torch.cuda.synchronize()
@@ -48,7 +48,7 @@ def test_graph_replay_after_push_gives_fresh_load_output(quant):
         expected = fresh(ids)
     assert not torch.equal(out, before)
     assert torch.equal(out, expected)
-    assert addresses(model) == moved
+    assert addresses(model) == addrs
 
 
 @pytest.mark.parametrize("quant", QUANTS + ["fp8-block"])
