@@ -15,7 +15,7 @@ from .errors import (ConcurrentPushError, CorruptCheckpointError, DtypeMismatchE
 from .errors import (BadWeightItemError, CheckpointChangedError, TraceOverwritesInputError,
                      UnsafeCheckpointPathError, UnsupportedDeviceError)
 from .integrations.engine import ShardWriteError, UnknownShardError
-from .quant.config import Fp8Config
+from .quant.config import Fp8Config, Int8Config
 from .reload.transport import WeightReceiver, WeightSender
 from .report import LoadReport
 from .session import LoadSession
@@ -23,7 +23,7 @@ from .states import LayerState
 from .sync import SyncReport, WeightSync
 
 __all__ = [
-    "load", "LoadSession", "LoadReport", "LayerState", "Fp8Config",
+    "load", "LoadSession", "LoadReport", "LayerState", "Fp8Config", "Int8Config",
     "LoadError", "IllegalTransitionError", "CorruptCheckpointError", "UnexpectedWeightError",
     "DuplicateWeightError", "ShapeMismatchError", "DtypeMismatchError",
     "NonFiniteWeightError", "IncompleteLoadError", "PushError", "WeightSync", "SyncReport",

@@ -34,7 +34,8 @@ def load(model: nn.Module, source: str | Path | Iterable | None, *, quant=None,
         source: a safetensors file or directory (index optional), an iterable of
             ``(name, tensor)``, or ``None`` with ``load_format="dummy"``.
         quant: ``None``, ``"fp8"`` (per-tensor), ``"fp8-channel"``, ``"fp8-block"``,
-            or an ``Fp8Config``.
+            ``"int8"`` (weight-only, per channel), or a config: ``Fp8Config``,
+            ``Int8Config``, or a registered handler's own (README, "Writing a handler").
         device: target device, the best available when ``None``.
         load_format: ``"auto"``, ``"safetensors"`` or ``"dummy"`` (seeded random weights).
         seed: seed of the dummy format.

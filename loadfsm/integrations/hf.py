@@ -46,8 +46,9 @@ def from_pretrained(path: str | Path, quant="fp8", device=None, exclude=("lm_hea
     Args:
         path: a local directory with ``config.json`` and safetensors weights (one file,
             or shards with ``model.safetensors.index.json``).
-        quant: ``"fp8"``, ``"fp8-channel"``, ``"fp8-block"``, ``None`` (full precision)
-            or an ``Fp8Config`` (used as given, its ``exclude`` included).
+        quant: ``"fp8"``, ``"fp8-channel"``, ``"fp8-block"``, ``"int8"``, ``None`` (full
+            precision) or a config (``Fp8Config``, ``Int8Config``: used as given, its
+            ``exclude`` included).
         device: target device; the best available when ``None``.
         exclude: module names kept in full precision (fnmatch or dotted suffix, see
             ``Fp8Config.exclude``); MoE routers are always added.
@@ -95,16 +96,16 @@ def build_meta_model(path: str | Path, *, dtype: torch.dtype | None = None,
         return build(config, dtype=dtype or _config_dtype(config))
 
 
-def hf_quant(quant, exclude=("lm_head",)) -> Fp8Config | None:
-    """The FP8 config of a transformers load: routers always stay in full precision; an
-    ``Fp8Config`` is used as given."""
+def hf_quant(quant, exclude=("lm_head",)):
+    """The quant config of a transformers load: for a scheme named by a string, routers
+    always stay in full precision; a config object is used as given."""
     config_q = resolve_quant(quant)
-    if config_q is not None and not isinstance(quant, Fp8Config):
+    if config_q is not None and isinstance(quant, str):
         config_q = dataclasses.replace(config_q, exclude=(*exclude, *ROUTERS))
     return config_q
 
 
-def plan_session(model: PreTrainedModel, entries: dict, quant: Fp8Config | None, *,
+def plan_session(model: PreTrainedModel, entries: dict, quant, *,
                  device=None, trace=None, strict: bool = True) -> tuple[LoadSession, set]:
     """H2: the session for ``model`` fed by checkpoint ``entries`` (names mapped by
     transformers' conversion rules), and the checkpoint names the class ignores."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+import torch
 from torch import nn
 
 from ..errors import ModelStateError
@@ -56,7 +57,7 @@ def plan_model(model: nn.Module, config, pieces: Iterable[Piece] | None) -> Plan
 def _check_replannable(plan: Plan, config) -> None:
     """A kernel module (one that says which full-precision slots feed it) claimed by a
     handler that would load those tensors as they are would end up holding bf16 weights
-    beside stale scales: refuse (a model loaded with FP8, loaded again without)."""
+    beside stale scales: refuse (a model loaded with FP8 or INT8, loaded again without)."""
     stale = [rec.name for rec in plan.layers.values()
              if callable(getattr(rec.module, "full_precision_slots", None))
              and (config is None or not rec.handler.makes_new_tensors)]
@@ -65,7 +66,7 @@ def _check_replannable(plan: Plan, config) -> None:
         raise ModelStateError(
             f"{len(stale)} layer(s) hold kernel modules ({kind}) from an earlier "
             f"quantized load that quant={config!r} cannot replace; "
-            "build the model again on meta, or load it with an FP8 scheme",
+            "build the model again on meta, or load it with the scheme that made them",
             layer=stale[0])
 
 
@@ -73,20 +74,21 @@ def loaded_config(model: nn.Module):
     """The quant config a loaded model's kernel modules were made with (``None``: none).
 
     Raises:
-        ValueError: the model mixes configs, still has ``meta`` tensors, or holds FP8
-            parameters in modules that do not say what feeds them.
+        ValueError: the model mixes configs, still has ``meta`` tensors, or holds
+            quantized (1-byte: FP8, int8, packed int4) parameters in modules that do not
+            say what feeds them.
     """
     configs = {m.config for m in model.modules() if hasattr(m, "full_precision_slots")}
     if len(configs) > 1:
-        raise ValueError(f"model mixes FP8 configs {configs}; cannot re-plan it")
+        raise ValueError(f"model mixes quant configs {configs}; cannot re-plan it")
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         raise ValueError("model still has tensors on meta; load it first")
     opaque = [name for name, module in model.named_modules()
               if not hasattr(module, "full_precision_slots")
-              and any(p.dtype.itemsize == 1 and p.is_floating_point()
+              and any(p.dtype.itemsize == 1 and p.dtype != torch.bool
                       for p in module.parameters(recurse=False))]
     if opaque:
-        raise ValueError(f"FP8 parameters in modules that do not say what feeds them "
+        raise ValueError(f"quantized parameters in modules that do not say what feeds them "
                          f"(no full_precision_slots): {opaque[:3]}; pass the load's "
                          f"session to WeightSync instead of re-planning")
     return next(iter(configs), None)

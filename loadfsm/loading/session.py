@@ -47,7 +47,8 @@ class LoadSession:
 
     Args:
         model: any ``nn.Module``; parameters to load live on ``meta``.
-        quant: ``None``, ``"fp8"``, ``"fp8-channel"``, ``"fp8-block"`` or an ``Fp8Config``.
+        quant: ``None``, ``"fp8"``, ``"fp8-channel"``, ``"fp8-block"``, ``"int8"`` or a
+            config (``Fp8Config``, ``Int8Config``, a registered handler's own).
         device: target device; the best available when ``None``.
         trace: ``True`` for structlog events, a path for a JSONL file, ``None`` for none.
         strict: raise on missing or unexpected tensors (else report them).

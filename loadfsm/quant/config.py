@@ -1,10 +1,12 @@
-"""FP8 quantization settings: one frozen config, and the names ``load(quant=...)`` accepts."""
+"""Quantization settings: one frozen config per scheme (FP8, INT8), and the names
+``load(quant=...)`` accepts. A scheme's handlers register under its config type
+(``handlers.registry``); any object with ``excludes(module_name)`` is a config to them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Literal
+from typing import ClassVar, Literal
 
 GRANULARITIES = ("tensor", "channel", "block")
 
@@ -18,6 +20,8 @@ _QUANT_NAMES: dict[str, str | None] = {
     "fp8-block": "block",
     "fp8_block": "block",
 }
+# Modules every scheme leaves in full precision by default (see ``Fp8Config.exclude``).
+DEFAULT_EXCLUDE = ("lm_head", "*.mlp.gate", "*.router")
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class Fp8Config:
 
     granularity: Literal["tensor", "channel", "block"] = "tensor"
     block_size: tuple[int, int] = (128, 128)
-    exclude: tuple[str, ...] = ("lm_head", "*.mlp.gate", "*.router")
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
@@ -51,40 +55,91 @@ class Fp8Config:
                 or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0
                            for b in block)):
             raise ValueError(f"block_size must be two positive ints, got {self.block_size!r}")
-        if isinstance(self.exclude, str) or not all(isinstance(p, str) for p in self.exclude):
-            raise ValueError(f"exclude must be a sequence of module-name patterns, "
-                             f"got {self.exclude!r}")
         # Lists are accepted for convenience; stored as tuples so the config stays hashable.
         object.__setattr__(self, "block_size", block)
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "exclude", checked_exclude(self.exclude))
 
     def excludes(self, module_name: str) -> bool:
         """Whether the module called ``module_name`` stays in full precision."""
-        return any(fnmatchcase(module_name, pattern) or module_name == pattern
-                   or module_name.endswith("." + pattern) for pattern in self.exclude)
+        return excluded(module_name, self.exclude)
 
 
-def resolve_quant(quant: str | Fp8Config | None) -> Fp8Config | None:
+@dataclass(frozen=True)
+class Int8Config:
+    """INT8 weight-only quantization (W8A16): one symmetric scale per output row.
+
+    ``scale = max|w[n, :]| / 127``, stored in the weight's own dtype (what
+    ``torch._weight_int8pack_mm`` reads); ``q = round(w / scale)`` clamped to
+    [-127, 127]. Activations stay in full precision.
+
+    Args:
+        exclude: module names left unquantized, matched as in ``Fp8Config.exclude``
+            (same default: ``lm_head`` and MoE routers).
+
+    Raises:
+        ValueError: on a bad exclude list.
+    """
+
+    name: ClassVar[str] = "int8"
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+
+    def __post_init__(self):
+        object.__setattr__(self, "exclude", checked_exclude(self.exclude))
+
+    def excludes(self, module_name: str) -> bool:
+        """Whether the module called ``module_name`` stays in full precision."""
+        return excluded(module_name, self.exclude)
+
+
+def excluded(module_name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether ``module_name`` matches a pattern: fnmatch-style on the full name, or as a
+    plain dotted suffix ("lm_head" matches "model.lm_head")."""
+    return any(fnmatchcase(module_name, pattern) or module_name == pattern
+               or module_name.endswith("." + pattern) for pattern in patterns)
+
+
+def checked_exclude(exclude) -> tuple[str, ...]:
+    """``exclude`` as a tuple of patterns (lists accepted; a tuple keeps a config hashable).
+
+    Raises:
+        ValueError: a bare string, or a pattern that is not a string.
+    """
+    if isinstance(exclude, str) or not all(isinstance(p, str) for p in exclude):
+        raise ValueError(f"exclude must be a sequence of module-name patterns, "
+                         f"got {exclude!r}")
+    return tuple(exclude)
+
+
+def resolve_quant(quant):
     """Turn the ``quant=`` argument of ``load`` into a config, or None for no quantization.
 
     Args:
-        quant: None, an ``Fp8Config``, or one of "none", "bf16", "fp8", "fp8-channel",
-            "fp8-block" (underscores accepted in place of dashes).
+        quant: None; a config object (``Fp8Config``, ``Int8Config``, or a user's scheme's
+            config: anything with ``excludes(module_name)``), passed through; or one of
+            "none", "bf16", "fp8", "fp8-channel", "fp8-block", "int8" (underscores
+            accepted in place of dashes).
 
     Raises:
         ValueError: on an unknown name or type.
     """
-    if quant is None or isinstance(quant, Fp8Config):
+    if quant is None or callable(getattr(quant, "excludes", None)):
         return quant
-    if not isinstance(quant, str) or quant.lower() not in _QUANT_NAMES:
-        raise ValueError(f"unknown quant {quant!r}; accepted: None, an Fp8Config, or one of "
-                         f"{', '.join(sorted(_QUANT_NAMES))}")
+    if not isinstance(quant, str) or quant.lower() not in (*_QUANT_NAMES, Int8Config.name):
+        raise ValueError(f"unknown quant {quant!r}; accepted: None, a config (Fp8Config, "
+                         f"Int8Config), or one of "
+                         f"{', '.join(sorted((*_QUANT_NAMES, Int8Config.name)))}")
+    if quant.lower() == Int8Config.name:
+        return Int8Config()
     granularity = _QUANT_NAMES[quant.lower()]
     return None if granularity is None else Fp8Config(granularity=granularity)
 
 
-def quant_name(config: Fp8Config | None) -> str | None:
-    """The ``quant=`` name of a config (``"fp8-channel"``), ``None`` for full precision."""
+def quant_name(config) -> str | None:
+    """The ``quant=`` name of a config (``"fp8-channel"``, ``"int8"``; a user's config:
+    its ``name``, else its class name), ``None`` for full precision."""
     if config is None:
         return None
-    return {"tensor": "fp8", "channel": "fp8-channel", "block": "fp8-block"}[config.granularity]
+    if isinstance(config, Fp8Config):
+        return {"tensor": "fp8", "channel": "fp8-channel",
+                "block": "fp8-block"}[config.granularity]
+    return getattr(config, "name", type(config).__name__)
