@@ -9,13 +9,13 @@ from safetensors.torch import load_file, save_file
 from structlog.testing import capture_logs
 
 import loadfsm
-from loadfsm.testing import (CONFIGS, DEFAULT_KV_SCALE, build_model, reference_state_dict,
-                            write_checkpoint)
+from loadfsm.quant.kv_cache import CHECKPOINT_KV_SCALES as SCALES
+from loadfsm.quant.kv_cache import DEFAULT_KV_SCALE
+from loadfsm.testing import CONFIGS, build_model, reference_state_dict, write_checkpoint
 
 PLAIN = CONFIGS["tiny"]
 WITH_SCALES = replace(PLAIN, kv_cache_scales=True)
 ATTN = [f"model.layers.{i}.self_attn.attn" for i in range(PLAIN.num_layers)]
-SCALES = ("k_scale", "v_scale", "q_scale")
 
 
 @pytest.fixture(scope="module")

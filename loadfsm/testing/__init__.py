@@ -7,7 +7,6 @@ Hugging Face naming to load into them.
 """
 
 from ..quant.experts import StackedExperts
-from ..quant.kv_cache import DEFAULT_KV_SCALE
 from .attention import Attention, RotaryEmbedding
 from .checkpoint import (ORDERS, checkpoint_layout, load_reference_model,
                          reference_state_dict, write_checkpoint)
@@ -19,7 +18,7 @@ from .moe import MoEForCausalLM, SparseMoeBlock
 from .registry import MODEL_NAMES, build_model, model_class
 
 __all__ = [
-    "Attention", "CONFIGS", "DEFAULT_KV_SCALE", "DecoderLayer", "EngineLlamaForCausalLM",
+    "Attention", "CONFIGS", "DecoderLayer", "EngineLlamaForCausalLM",
     "LlamaAttention",
     "LlamaForCausalLM", "LlamaMLP", "LlamaModel", "MODEL_NAMES", "MoEForCausalLM",
     "ModelConfig", "ORDERS", "RMSNorm", "RotaryEmbedding", "SparseMoeBlock",
