@@ -16,6 +16,8 @@ from .errors import (BadWeightItemError, CheckpointChangedError, TraceOverwrites
                      UnsafeCheckpointPathError, UnsupportedDeviceError)
 from .integrations.engine import ShardWriteError, UnknownShardError
 from .quant.config import Fp8Config, Int8Config
+from .reload.colocated import (ColocatedReceiver, ColocatedSender, ReceiverDiedError,
+                               SenderDiedError)
 from .reload.transport import WeightReceiver, WeightSender
 from .report import LoadReport
 from .session import LoadSession
@@ -30,5 +32,6 @@ __all__ = [
     "UnknownShardError", "ShardWriteError", "ConcurrentPushError", "ModelStateError",
     "WeightSender", "WeightReceiver",
 ]
+__all__ += ["ColocatedSender", "ColocatedReceiver", "SenderDiedError", "ReceiverDiedError"]
 __all__ += ["UnsafeCheckpointPathError", "CheckpointChangedError", "TraceOverwritesInputError",
             "BadWeightItemError", "UnsupportedDeviceError"]

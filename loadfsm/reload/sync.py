@@ -10,6 +10,7 @@ tensors here (``push``), an engine's own ``load_weights`` in the engine integrat
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
@@ -46,6 +47,7 @@ class SyncReport:
     seconds: float
     peak_extra_bytes: int
     committed: list[str] = field(default_factory=list)
+    version: object = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,6 +85,13 @@ class WeightSync:
         wait: a push waits for another push into the same model to end, rather than
             raising ``ConcurrentPushError``.
 
+    Attributes:
+        version: the ``version`` of the last push that committed wholly (``None``
+            before one).
+        layer_versions: per layer, the ``version`` of the last push that committed it
+            (``None``: not pushed since the load); a failed push stamps the layers it
+            committed.
+
     Raises:
         ValueError: ``session`` did not load ``model``, a layer is not FINALIZED, or an
             unknown ``atomic`` mode.
@@ -114,13 +123,20 @@ class WeightSync:
         session.tracer = Tracer(trace)
         session.on_layer_done = None          # the load's progress bar is gone
         self._routes = PushRoutes(session.plan)
+        self.version = None
+        self.layer_versions: dict[str, object] = dict.fromkeys(session.plan.layers)
 
-    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncReport:
+    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *,
+             version=None) -> SyncReport:
         """Load ``(name, tensor)`` pairs into the live model, in place.
 
         Names are checkpoint names (fused pieces included) or the model's own parameter
         names (one tensor covering the whole parameter). Layers not named keep their
         weights. Cost: O(tensors pushed + pieces of the touched layers).
+
+        ``version`` (any value; a step number, a string) is stamped on every layer that
+        commits (``layer_versions``); ``sync.version`` becomes it once the whole push
+        has committed. The trace's ``push_complete`` carries it.
 
         Returns:
             A ``SyncReport``.
@@ -142,11 +158,13 @@ class WeightSync:
                     self._arrive(name, tensor.detach(), push)
                 push.done(nbytes(tensor))
 
-        return self.run(feed)
+        return self.run(feed, version=version)
 
-    def run(self, feed: Callable[[ReloadTransaction], None]) -> SyncReport:
+    def run(self, feed: Callable[[ReloadTransaction], None], *,
+            version=None) -> SyncReport:
         """One push under the model's push lock: ``feed`` makes the arrivals of the
-        transaction it is given (R1, R2); then settle, commit, report."""
+        transaction it is given (R1, R2); then settle, commit, report. The layers that
+        committed are stamped ``version``, also when the push fails."""
         lock = model_lock(self.model)
         if not lock.acquire(blocking=self.wait):
             error = ConcurrentPushError("another push into this model is in progress; "
@@ -154,16 +172,16 @@ class WeightSync:
             self.session.tracer.event("push_failed", **failure(error, committed=[]))
             raise error
         try:
-            return self._push(feed)
+            return self._push(feed, version)
         finally:
             lock.release()
 
-    def _push(self, feed: Callable[[ReloadTransaction], None]) -> SyncReport:
+    def _push(self, feed: Callable[[ReloadTransaction], None], version) -> SyncReport:
         session = self.session
         t0 = time.perf_counter()
         push = ReloadTransaction(session, hold_all=self.atomic == "model",
                                  commit_bytes=self.commit_bytes)
-        with push:
+        with push, self._stamping(push, version):
             # Layers an interrupted rollback left unfinished (a second Ctrl-C): the
             # model's tensors are the old ones, only the records lag.
             push.roll_back([rec for rec in session.plan.layers.values()
@@ -180,9 +198,20 @@ class WeightSync:
                 self._fail_incomplete(push, missing)
         report = SyncReport(layers_updated=len(push.committed), bytes_received=push.received,
                             tensors_received=push.count, seconds=time.perf_counter() - t0,
-                            peak_extra_bytes=push.peak_extra, committed=push.committed)
+                            peak_extra_bytes=push.peak_extra, committed=push.committed,
+                            version=version)
+        self.version = version
         session.tracer.event("push_complete", **report.to_dict())
         return report
+
+    @contextmanager
+    def _stamping(self, push: ReloadTransaction, version):
+        """After the transaction, however it ends: its committed layers serve ``version``."""
+        try:
+            yield
+        finally:
+            for name in push.committed:
+                self.layer_versions[name] = version
 
     def _fail(self, push: ReloadTransaction, exc: BaseException) -> None:
         """R4 after an exception: roll back, trace, raise ``PushError`` (a Ctrl-C is

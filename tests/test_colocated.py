@@ -1,0 +1,308 @@
+"""Colocated transport on CPU: a trainer process shares memfd buckets with the engine (this
+process), which pushes views of them into its WeightSync; the same code as CUDA IPC."""
+
+import multiprocessing
+import threading
+import time
+
+import pytest
+import torch
+from multiprocessing.reduction import recv_handle
+from structlog.testing import capture_logs
+
+import loadfsm
+from loadfsm.reload.checksum import expected_checksums, layer_checksums
+from loadfsm.reload.colocated import ColocatedReceiver, ColocatedSender, SenderDiedError
+from loadfsm.reload.routes import checkpoint_tensors
+from loadfsm.reload.transport import SenderAbortedError
+from loadfsm.testing import build_model, load_reference_model, reference_state_dict
+from checks import same, snapshot
+from faults import raising_after
+from tiny_models import SMALL, SMALL_MOE
+
+STEPS = 3
+BUCKET_BYTES = 16 << 10     # several buckets per push; the embedding outgrows one
+CTX = multiprocessing.get_context("spawn")
+
+
+def _train_step(model, optimizer, step):
+    ids = torch.randint(0, model.config.vocab_size, (2, 8),
+                        generator=torch.Generator().manual_seed(step))
+    loss = model(ids).float().square().mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def _trainer(conn, config, tmp, steps, tail):
+    """Push ``steps`` optimizer steps (saving, before each, what a fresh load reads and the
+    checksums the engine must show), then run ``tail`` (a fault) with the next weights."""
+    model = load_reference_model(config, seed=0).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=50.0)
+    sender = ColocatedSender(conn, bucket_bytes=BUCKET_BYTES)
+    for step in range(steps + (tail is not None)):
+        _train_step(model, optimizer, step)
+        torch.save({"weights": {n: t.clone() for n, t in checkpoint_tensors(model)},
+                    "checksums": expected_checksums(build_model(config),
+                                                    model.named_parameters(), quant="fp8",
+                                                    device="cpu")},
+                   f"{tmp}/step{step}.pt")
+        if step < steps:
+            sender(model.named_parameters(), version=step)
+    if tail is not None:
+        TAILS[tail](sender, model, steps)
+    sender.close()
+
+
+def _abort_then_push(sender, model, step):
+    with pytest.raises(RuntimeError, match="optimizer blew up"):
+        sender(raising_after(model.named_parameters(), 5, RuntimeError("optimizer blew up")),
+               version=step)
+    sender(model.named_parameters(), version=step)
+
+
+def _stall(sender, model, step):
+    """Send part of a push, then go silent while alive (until the test kills us)."""
+    sender(_then(model.named_parameters(), 9, lambda: time.sleep(3600)), version=step)
+
+
+def _die(sender, model, step):
+    """Send part of a push (several buckets), then be killed by the test."""
+    import os
+    import signal
+    sender(_then(model.named_parameters(), 9, lambda: os.kill(os.getpid(), signal.SIGKILL)),
+           version=step)
+
+
+TAILS = {"abort": _abort_then_push, "stall": _stall, "die": _die}
+
+
+def _then(items, n, action):
+    items = iter(items)
+    for _ in range(n):
+        yield next(items)
+    action()
+    yield from items
+
+
+def _engine(config, *, commit_bytes=None, timeout_s=300.0, trace=True):
+    model = build_model(config)
+    loadfsm.load(model, reference_state_dict(config, 0).items(), quant="fp8", device="cpu")
+    kwargs = {} if commit_bytes is None else {"commit_bytes": commit_bytes}
+    return model, loadfsm.WeightSync(model, trace=trace, **kwargs)
+
+
+def _start(config, tmp, steps, tail=None):
+    """The trainer in a process of its own; its connection's other end."""
+    ours, theirs = CTX.Pipe()
+    process = CTX.Process(target=_trainer, args=(theirs, config, str(tmp), steps, tail))
+    process.start()
+    theirs.close()          # the trainer's death then closes the connection
+    return process, ours
+
+
+def _fresh(config, tmp, step):
+    saved = torch.load(f"{tmp}/step{step}.pt")
+    fresh = build_model(config)
+    loadfsm.load(fresh, saved["weights"].items(), quant="fp8", device="cpu")
+    return fresh.state_dict(), saved["checksums"]
+
+
+class _Recording:
+    """A ``WeightSync`` that also records, for every tensor it is fed, whether it lies
+    inside one of ``receiver``'s shared buckets when it arrives."""
+
+    def __init__(self, sync):
+        self.sync, self.session, self.device = sync, sync.session, sync.device
+        self.receiver, self.inside = None, []
+
+    def push(self, arrivals, version=None):
+        def fed():
+            for name, tensor in arrivals:
+                self.inside.append(any(
+                    b.tensor.data_ptr() <= tensor.data_ptr()
+                    < b.tensor.data_ptr() + b.tensor.numel()
+                    for b in self.receiver.buckets.values()))
+                yield name, tensor
+        return self.sync.push(fed(), version=version)
+
+
+@pytest.fixture(scope="module", params=[SMALL, SMALL_MOE], ids=["dense", "moe"])
+def pushes(request, tmp_path_factory):
+    """Three steps pushed through shared buckets; per step, how the engine compares."""
+    config, tmp = request.param, tmp_path_factory.mktemp("colocated")
+    model, sync = _engine(config)
+    process, conn = _start(config, tmp, STEPS)
+    recording = _Recording(sync)
+    receiver = recording.receiver = ColocatedReceiver(recording, conn)
+    addresses = {n: t.data_ptr() for n, t in model.state_dict().items()}
+    previous, steps = snapshot(model), []
+    try:
+        for step in range(STEPS):
+            report = receiver.receive()
+            expected, checksums = _fresh(config, tmp, step)
+            state = model.state_dict()
+            steps.append(dict(
+                report=report, version=sync.version, layer_versions=dict(sync.layer_versions),
+                layers=len(sync.layer_versions), opened=receiver.buckets_opened,
+                viewed=recording.inside and all(recording.inside),
+                checksums_match=layer_checksums(sync) == checksums,
+                mismatched=[n for n, t in state.items() if not same(t, expected[n])],
+                moved=[n for n, t in state.items() if t.data_ptr() != addresses[n]],
+                changed=any(not same(t, previous[n]) for n, t in state.items())))
+            recording.inside.clear()
+            previous = snapshot(model)
+    finally:
+        receiver.close()
+        process.join(timeout=60)
+    return steps
+
+
+def test_engine_matches_fresh_load_after_each_step(pushes):
+    """After each step pushed through shared buckets, the engine equals a fresh FP8 load."""
+    for record in pushes:
+        assert record["mismatched"] == [] and record["changed"]
+        assert record["report"].layers_updated == record["layers"]
+
+
+def test_push_keeps_every_address(pushes):
+    """No engine tensor moves across colocated pushes."""
+    assert all(record["moved"] == [] for record in pushes)
+
+
+def test_engine_reads_views_of_the_shared_buckets(pushes):
+    """Every tensor the push is fed lies inside a shared bucket: no copy before the push."""
+    assert all(record["viewed"] for record in pushes)
+
+
+def test_buckets_are_opened_once_and_reused(pushes):
+    """The first push opens the shared buckets; later pushes open none."""
+    assert pushes[0]["opened"] >= 2
+    assert [record["opened"] for record in pushes] == [pushes[0]["opened"]] * STEPS
+
+
+def test_every_layer_stamped_with_the_trainers_version(pushes):
+    """Each push's version reaches the sync, its report and every layer it committed."""
+    for step, record in enumerate(pushes):
+        assert record["version"] == step and record["report"].version == step
+        assert set(record["layer_versions"].values()) == {step}
+
+
+def test_trainer_checksums_equal_the_engines(pushes):
+    """The trainer's expected checksums equal the engine's after every push."""
+    assert all(record["checksums_match"] for record in pushes)
+
+
+def test_sender_abort_rolls_back_and_next_push_succeeds(tmp_path):
+    """A trainer iterator that raises aborts the push: the engine keeps its weights, then
+    takes the trainer's next push."""
+    model, sync = _engine(SMALL)
+    process, conn = _start(SMALL, tmp_path, 1, tail="abort")
+    receiver = ColocatedReceiver(sync, conn)
+    try:
+        receiver.receive()
+        before = snapshot(model)
+        with pytest.raises(loadfsm.PushError) as caught:
+            receiver.receive()
+        assert isinstance(caught.value.__cause__, SenderAbortedError)
+        assert all(same(t, before[n]) for n, t in model.state_dict().items())
+        receiver.receive()
+        expected, _ = _fresh(SMALL, tmp_path, 1)
+        assert all(same(t, expected[n]) for n, t in model.state_dict().items())
+        assert sync.version == 1
+    finally:
+        receiver.close()
+        process.join(timeout=60)
+
+
+def _check_died_mid_push(model, sync, logs, caught, old, new_step, tmp):
+    """Committed layers are new, every other layer wholly old, all FINALIZED, and the
+    engine said so (``SenderDiedError`` and ``push_failed``)."""
+    committed = caught.value.committed
+    expected, _ = _fresh(SMALL, tmp, new_step)
+    for name, tensor in model.state_dict().items():
+        layer = name.rpartition(".")[0]
+        assert same(tensor, expected[name] if layer in committed else old[name]), name
+    assert {rec.state for rec in sync.session.plan.layers.values()} == {
+        loadfsm.LayerState.FINALIZED}
+    failed = [e for e in logs if e["event"] == "push_failed"]
+    assert failed and failed[-1]["error"] == "SenderDiedError"
+    assert {name for name, v in sync.layer_versions.items() if v == new_step} == set(committed)
+    assert sync.version == new_step - 1
+
+
+def test_killed_trainer_leaves_uncommitted_layers_old(tmp_path):
+    """A trainer killed mid-push: layers it had committed are new, the rest wholly old; the
+    engine raises SenderDiedError, then takes a new trainer's push."""
+    model, sync = _engine(SMALL, commit_bytes=1)     # each layer commits once verified
+    process, conn = _start(SMALL, tmp_path, 1, tail="die")
+    receiver = ColocatedReceiver(sync, conn)
+    try:
+        receiver.receive()
+        old = snapshot(model)
+        with capture_logs() as logs, pytest.raises(SenderDiedError) as caught:
+            receiver.receive()
+        assert 0 < len(caught.value.committed) < len(sync.layer_versions)
+        _check_died_mid_push(model, sync, logs, caught, old, 1, tmp_path)
+    finally:
+        receiver.close()
+        process.join(timeout=60)
+    (tmp_path / "again").mkdir()
+    again, conn = _start(SMALL, tmp_path / "again", 2)
+    receiver = ColocatedReceiver(sync, conn)
+    try:
+        receiver.receive()
+        receiver.receive()
+        expected, _ = _fresh(SMALL, tmp_path / "again", 1)
+        assert all(same(t, expected[n]) for n, t in model.state_dict().items())
+    finally:
+        receiver.close()
+        again.join(timeout=60)
+
+
+def test_silent_trainer_times_out_instead_of_hanging(tmp_path):
+    """A trainer alive but silent mid-push fails the push after ``timeout_s``: the engine
+    does not wait forever, and uncommitted layers keep their old weights."""
+    model, sync = _engine(SMALL, commit_bytes=1)
+    process, conn = _start(SMALL, tmp_path, 1, tail="stall")
+    receiver = ColocatedReceiver(sync, conn, timeout_s=1.0)
+    try:
+        receiver.receive()
+        old = snapshot(model)
+        with capture_logs() as logs, pytest.raises(SenderDiedError, match="no message") as caught:
+            receiver.receive()
+        _check_died_mid_push(model, sync, logs, caught, old, 1, tmp_path)
+    finally:
+        receiver.close()
+        process.kill()
+        process.join(timeout=60)
+
+
+def test_trainer_waits_for_the_engine_before_refilling_a_bucket():
+    """With two buckets, the trainer sends two and waits; the engine's acknowledgement of
+    bucket 0 lets it refill bucket 0, which it does not share again."""
+    engine_end, trainer_end = multiprocessing.Pipe()
+    sender = ColocatedSender(trainer_end, bucket_bytes=64, buckets=2)
+    tensors = [(f"t{i}", torch.full((16,), float(i))) for i in range(4)]   # 64 B each
+    thread = threading.Thread(target=sender, args=(tensors,), daemon=True)
+    thread.start()
+    kinds = [engine_end.recv()["kind"] for _ in range(2)]
+    for index in (0, 1):
+        share = engine_end.recv()
+        assert (share["kind"], share["index"]) == ("share", index)
+        recv_handle(engine_end)
+        assert engine_end.recv()["index"] == index
+    assert kinds == ["hello", "begin"]
+    assert not engine_end.poll(0.5)              # both buckets unacknowledged: it waits
+    engine_end.send({"kind": "ack", "index": 0})
+    refill = engine_end.recv()
+    assert (refill["kind"], refill["index"]) == ("bucket", 0)
+    for index in (1, 0):
+        engine_end.send({"kind": "ack", "index": index})
+    bucket = engine_end.recv()
+    assert (bucket["kind"], bucket["index"]) == ("bucket", 1)
+    engine_end.send({"kind": "ack", "index": 1})
+    assert engine_end.recv()["kind"] == "end"
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    sender.close()
