@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print one JSON object")
     demo.add_argument("--dummy", action="store_true", help="seeded random weights, no file")
     demo.add_argument("--model", default="tiny", help="reference model name (default tiny)")
-    demo.add_argument("--quant", default="fp8", help="fp8, fp8-channel, fp8-block or none")
+    demo.add_argument("--quant", default="fp8", help="fp8, fp8-channel, fp8-block, int8 or none")
     demo.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)

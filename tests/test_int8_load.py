@@ -186,3 +186,21 @@ def test_nan_push_raises_and_leaves_the_model_as_it_was():
     with pytest.raises(loadfsm.PushError, match="NonFiniteWeightError.*mlp.down_proj"):
         loadfsm.WeightSync(model, atomic="model").push(bad.items())
     _assert_same_state(model, before)
+
+
+def test_loading_an_int8_model_again_without_quant_is_refused():
+    """Int8Linear layers loaded again with quant=None would hold bf16 beside old scales:
+    ModelStateError, as for FP8 (the core's check knows no scheme)."""
+    model, _ = _load(SMALL, reference_state_dict(SMALL))
+    with pytest.raises(loadfsm.ModelStateError, match="Int8Linear"):
+        loadfsm.LoadSession(model, quant=None, device="cpu")
+
+
+def test_int8_parameters_of_an_opaque_module_refuse_replanning():
+    """An int8 parameter in a module that does not say what feeds it cannot be re-planned
+    (a push would have nothing to quantize from)."""
+    model, _ = _load(SMALL, reference_state_dict(SMALL))
+    model.model.norm.codes = nn.Parameter(torch.zeros(4, dtype=torch.int8),
+                                          requires_grad=False)
+    with pytest.raises(ValueError, match="full_precision_slots"):
+        loadfsm.WeightSync(model)
