@@ -28,24 +28,25 @@ CTX = multiprocessing.get_context("spawn")
 def _train_step(model, optimizer, step):
     ids = torch.randint(0, model.config.vocab_size, (2, 8),
                         generator=torch.Generator().manual_seed(step))
+    ids = ids.to(next(model.parameters()).device)
     loss = model(ids).float().square().mean()
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
 
 
-def _trainer(conn, config, tmp, steps, tail):
+def _trainer(conn, config, tmp, steps, tail, device):
     """Push ``steps`` optimizer steps (saving, before each, what a fresh load reads and the
     checksums the engine must show), then run ``tail`` (a fault) with the next weights."""
-    model = load_reference_model(config, seed=0).train()
+    model = load_reference_model(config, seed=0, device=device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=50.0)
-    sender = ColocatedSender(conn, bucket_bytes=BUCKET_BYTES)
+    sender = ColocatedSender(conn, bucket_bytes=BUCKET_BYTES, device=device)
     for step in range(steps + (tail is not None)):
         _train_step(model, optimizer, step)
-        torch.save({"weights": {n: t.clone() for n, t in checkpoint_tensors(model)},
+        torch.save({"weights": {n: t.cpu().clone() for n, t in checkpoint_tensors(model)},
                     "checksums": expected_checksums(build_model(config),
                                                     model.named_parameters(), quant="fp8",
-                                                    device="cpu")},
+                                                    device=device)},
                    f"{tmp}/step{step}.pt")
         if step < steps:
             sender(model.named_parameters(), version=step)
@@ -85,26 +86,27 @@ def _then(items, n, action):
     yield from items
 
 
-def _engine(config, *, commit_bytes=None, timeout_s=300.0, trace=True):
+def _engine(config, *, commit_bytes=None, trace=True, device="cpu"):
     model = build_model(config)
-    loadfsm.load(model, reference_state_dict(config, 0).items(), quant="fp8", device="cpu")
+    loadfsm.load(model, reference_state_dict(config, 0).items(), quant="fp8", device=device)
     kwargs = {} if commit_bytes is None else {"commit_bytes": commit_bytes}
     return model, loadfsm.WeightSync(model, trace=trace, **kwargs)
 
 
-def _start(config, tmp, steps, tail=None):
+def _start(config, tmp, steps, tail=None, device="cpu"):
     """The trainer in a process of its own; its connection's other end."""
     ours, theirs = CTX.Pipe()
-    process = CTX.Process(target=_trainer, args=(theirs, config, str(tmp), steps, tail))
+    process = CTX.Process(target=_trainer, args=(theirs, config, str(tmp), steps, tail,
+                                                 device))
     process.start()
     theirs.close()          # the trainer's death then closes the connection
     return process, ours
 
 
-def _fresh(config, tmp, step):
+def _fresh(config, tmp, step, device="cpu"):
     saved = torch.load(f"{tmp}/step{step}.pt")
     fresh = build_model(config)
-    loadfsm.load(fresh, saved["weights"].items(), quant="fp8", device="cpu")
+    loadfsm.load(fresh, saved["weights"].items(), quant="fp8", device=device)
     return fresh.state_dict(), saved["checksums"]
 
 
@@ -127,12 +129,17 @@ class _Recording:
         return self.sync.push(fed(), version=version)
 
 
-@pytest.fixture(scope="module", params=[SMALL, SMALL_MOE], ids=["dense", "moe"])
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="module", ids=["dense", "moe", "dense-cuda-ipc"], params=[
+    (SMALL, "cpu"), (SMALL_MOE, "cpu"), pytest.param((SMALL, "cuda"), marks=CUDA)])
 def pushes(request, tmp_path_factory):
-    """Three steps pushed through shared buckets; per step, how the engine compares."""
-    config, tmp = request.param, tmp_path_factory.mktemp("colocated")
-    model, sync = _engine(config)
-    process, conn = _start(config, tmp, STEPS)
+    """Three steps pushed through shared buckets (memfd on CPU; CUDA IPC, both processes
+    on one GPU); per step, how the engine compares."""
+    (config, device), tmp = request.param, tmp_path_factory.mktemp("colocated")
+    model, sync = _engine(config, device=device)
+    process, conn = _start(config, tmp, STEPS, device=device)
     recording = _Recording(sync)
     receiver = recording.receiver = ColocatedReceiver(recording, conn)
     addresses = {n: t.data_ptr() for n, t in model.state_dict().items()}
@@ -140,7 +147,7 @@ def pushes(request, tmp_path_factory):
     try:
         for step in range(STEPS):
             report = receiver.receive()
-            expected, checksums = _fresh(config, tmp, step)
+            expected, checksums = _fresh(config, tmp, step, device)
             state = model.state_dict()
             steps.append(dict(
                 report=report, version=sync.version, layer_versions=dict(sync.layer_versions),
