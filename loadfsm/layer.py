@@ -62,7 +62,10 @@ class LayerRecord:
     staging_bytes: int = 0
     final_bytes: int = 0
     aliased: bool = False          # staging is the pushed tensor itself (see _can_alias)
-    norms: list = field(default_factory=list)   # (ckpt names, max|x| on device) to verify
+    norms: list = field(default_factory=list)   # pending NaN/Inf checks (see finiteness)
+    # what arrived since staging, in order (a ckpt name, or a tuple of names written at once):
+    # the layer's NaN/Inf check at completion covers them and names the first bad one
+    arrived: list = field(default_factory=list)
     # (tensor, FP8 values flushed to zero, nonzero inputs), counts on device, checked with norms
     underflow: list = field(default_factory=list)
     names: list[str] = field(default_factory=list)   # every name the module is registered at

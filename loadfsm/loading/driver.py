@@ -10,7 +10,7 @@ Lifecycle and memory bound: ARCHITECTURE.md.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -18,11 +18,26 @@ from ..errors import DuplicateWeightError, UnexpectedWeightError
 from ..layer import LayerRecord
 from ..ledger import MemoryLedger, nbytes
 from ..pieces import Piece
-from ..plan import Plan, check_fits
+from ..plan import Plan, check_fits, expected_shape
 from ..profiling import layer_range
 from ..states import LayerState
 from ..trace import Tracer
-from .finiteness import FinitenessBatch
+from .finiteness import FinitenessBatch, locatable
+
+_PARTIAL = LayerState.PARTIAL
+
+
+class PieceLayout(NamedTuple):
+    """Where one checkpoint name lands, worked out at its first arrival and kept by the
+    driver, so later arrivals (every push) do no planning work: the slot attribute, the
+    shape and dtype that fit, and the view's ``as_strided`` arguments in a contiguous
+    staging tensor (``None``: the whole tensor, or a region strides cannot express)."""
+
+    attr: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    strided: tuple | None
+    locatable: bool
 
 
 class ArrivalDriver:
@@ -50,6 +65,8 @@ class ArrivalDriver:
         self.largest_output = 0
         self.peak_in_flight = 0
         self._warned_in_flight = False
+        self._layouts: dict[str, PieceLayout] = {}     # ckpt name -> where it lands
+        self._wholes: dict[str, Piece] = {}            # parameter -> the piece of all of it
 
     # -- arrivals --------------------------------------------------------------------
     def arrive(self, name: str, tensor: torch.Tensor) -> None:
@@ -59,20 +76,81 @@ class ArrivalDriver:
             rec = self._route_unplanned(name)
             if rec is None:
                 return
+        self.arrive_piece(rec, name, tensor)
+
+    def arrive_piece(self, rec: LayerRecord, name: str, tensor: torch.Tensor) -> None:
+        """Checkpoint tensor ``name`` of ``rec`` (routed by the caller): L3, then L4 if it
+        was the last piece. The hot path of loads and pushes: a few dict lookups, one
+        view and one copy; no allocation, no trace work with tracing off, no per-piece
+        kernel besides the copy (the NaN/Inf check runs per layer, ``finiteness``)."""
+        layout = self._layouts.get(name)
+        if layout is None:
+            layout = self._layout(rec, name)
+        if name not in rec.missing:
+            self._check_due(rec, (name,), name)
+        if tensor.shape != layout.shape or tensor.dtype != layout.dtype:
+            check_fits(rec, rec.pieces[name], tensor.shape, tensor.dtype, self.file_of(name))
+        state = rec.state
+        if state is LayerState.META:
+            piece = rec.pieces[name]
+            self._materialize(rec, alias=tensor if self._can_alias(rec, piece, tensor, (name,))
+                              else None)
+        if not rec.aliased:
+            target = rec.staging[layout.attr]
+            strided = layout.strided
+            if strided is None:
+                view = target[rec.pieces[name].region] if rec.pieces[name].region else target
+            elif target.is_contiguous():
+                view = target.as_strided(strided[0], strided[1],
+                                         target.storage_offset() + strided[2])
+            else:
+                view = target[rec.pieces[name].region]
+            # non_blocking: a pinned source buffer overlaps the copy with the next read.
+            view.copy_(tensor, non_blocking=True)
+            if not layout.locatable:
+                FinitenessBatch.record_norm(rec, (name,), view)
+            del target, view
+        if layout.locatable:
+            rec.arrived.append(name)
+        rec.missing.discard(name)
+        self.bytes_read += tensor.nbytes
+        self.arrivals += 1
+        if state is not _PARTIAL or self.tracer.enabled:
+            # PARTIAL -> PARTIAL is a self-loop: with no trace sink, firing it changes
+            # nothing, so only the first arrival and traced ones go through the machine.
+            src, dst = rec.fire("arrive")
+            if self.tracer.enabled:
+                piece = rec.pieces[name]
+                self.transition(rec, src, dst, "arrive", piece=name, shard=piece.shard,
+                                expert=piece.expert)
+        if not rec.missing:
+            self._complete(rec, "complete")
+
+    def _layout(self, rec: LayerRecord, name: str) -> PieceLayout:
         piece = rec.pieces[name]
-        self._check_due(rec, (name,), name)
-        check_fits(rec, piece, tensor.shape, tensor.dtype, self.file_of(name))
-        self._fill(rec, piece, tensor, (name,), piece=name, shard=piece.shard,
-                   expert=piece.expert)
+        attr = rec.slot_attr(piece.param)
+        slot = rec.slots[attr]
+        layout = PieceLayout(attr, tuple(expected_shape(rec, piece)), slot.dtype,
+                             _strided(tuple(slot.shape), piece.region), locatable(rec, piece))
+        self._layouts[name] = layout
+        return layout
 
     def arrive_param(self, rec: LayerRecord, param: str, tensor: torch.Tensor,
                      names: tuple[str, ...]) -> None:
         """One tensor for the whole of ``param`` (a trainer's own parameter name),
         covering every piece in ``names``, fused shards included."""
         self._check_due(rec, names, param)
-        whole = Piece(param, param)
+        whole = self._wholes.get(param)
+        if whole is None:
+            whole = self._wholes[param] = Piece(param, param)
         check_fits(rec, whole, tensor.shape, tensor.dtype, None)
-        self._fill(rec, whole, tensor, names, piece=param)
+        if rec.state is LayerState.META:
+            self._materialize(rec, alias=tensor if self._can_alias(rec, whole, tensor, names)
+                              else None)
+        if not rec.aliased:
+            rec.staging[rec.slot_attr(param)].copy_(tensor, non_blocking=True)
+        rec.arrived.append(names)     # whole rows of the parameter: the layer check covers it
+        self._arrived(rec, names, nbytes(tensor), piece=param)
 
     def stage(self, rec: LayerRecord) -> dict[str, torch.Tensor]:
         """For a caller that writes pieces itself (the engine hook): ``rec``'s staging,
@@ -86,12 +164,15 @@ class ArrivalDriver:
                         **extra) -> None:
         """Pieces ``names`` were written into ``rec``'s staging by the caller."""
         self._check_due(rec, names, names[0])
-        written = []
-        for name in names:
-            piece = rec.pieces[name]
-            target = rec.staging[rec.slot_attr(piece.param)]
-            written.append(target[piece.region] if piece.region else target)
-        self._arrived(rec, names, written, nbytes_in, **extra)
+        if all(locatable(rec, rec.pieces[name]) for name in names):
+            rec.arrived.append(names)
+        else:
+            for name in names:
+                piece = rec.pieces[name]
+                target = rec.staging[rec.slot_attr(piece.param)]
+                FinitenessBatch.record_norm(rec, names,
+                                            target[piece.region] if piece.region else target)
+        self._arrived(rec, names, nbytes_in, **extra)
 
     def complete_with_defaults(self, rec: LayerRecord) -> None:
         """Complete a layer whose pieces still due are all optional, with defaults."""
@@ -111,27 +192,9 @@ class ArrivalDriver:
             raise DuplicateWeightError("piece arrived twice", tensor=label,
                                        file=self.file_of(label), layer=rec.name)
 
-    def _fill(self, rec: LayerRecord, into: Piece, tensor: torch.Tensor,
-              names: tuple[str, ...], **extra) -> None:
-        if rec.state is LayerState.META:
-            self._materialize(rec, alias=tensor if self._can_alias(rec, into, tensor, names)
-                              else None)
-        if rec.aliased:
-            written = tensor
-        else:
-            target = rec.staging[rec.slot_attr(into.param)]
-            written = target[into.region] if into.region else target
-            # non_blocking: a pinned source buffer overlaps the copy with the next read.
-            written.copy_(tensor, non_blocking=True)
-            del target
-        self._arrived(rec, names, [written], nbytes(tensor), **extra)
-
-    def _arrived(self, rec: LayerRecord, names: tuple[str, ...], written: list[torch.Tensor],
-                 nbytes_in: int, **extra) -> None:
+    def _arrived(self, rec: LayerRecord, names: tuple[str, ...], nbytes_in: int,
+                 **extra) -> None:
         src, dst = rec.fire("arrive")
-        for view in written:
-            FinitenessBatch.record_norm(rec, names, view)
-        del written
         rec.missing.difference_update(names)
         self.bytes_read += nbytes_in
         self.arrivals += 1
@@ -205,6 +268,7 @@ class ArrivalDriver:
             self.tracer.event("layer_defaulted", layer=rec.name, pieces=list(names))
 
     def _complete(self, rec: LayerRecord, trigger: str) -> None:
+        FinitenessBatch.record_layer(rec)
         src, dst = rec.fire(trigger)
         self.transition(rec, src, dst, trigger)
         with layer_range(rec.name, "quantize"):
@@ -245,6 +309,7 @@ class ArrivalDriver:
                 self.ledger.free_final(rec.final_bytes)
         rec.staging, rec.results, rec.staging_bytes = {}, {}, 0
         rec.norms.clear()
+        rec.arrived.clear()
         rec.underflow.clear()
         self.in_flight.pop(rec.name, None)
 
@@ -254,3 +319,29 @@ class ArrivalDriver:
                                    rec.staging_bytes + rec.final_bytes,
                                    ledger_staging=self.ledger.staging,
                                    ledger_final=self.ledger.final, **extra)
+
+
+def _strided(shape: tuple[int, ...], region: tuple) -> tuple | None:
+    """``(size, stride, offset)`` of ``region`` in a contiguous tensor of ``shape``, for
+    ``as_strided`` (one C call, where indexing with a tuple is several); ``None`` for the
+    whole tensor or an index strides do not express (a step, an out-of-range int)."""
+    if not region or len(region) > len(shape):
+        return None
+    strides = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    size, stride, offset = [], [], 0
+    for d, index in enumerate(region):
+        if isinstance(index, int):
+            if not -shape[d] <= index < shape[d]:
+                return None
+            offset += (index % shape[d]) * strides[d]
+        elif isinstance(index, slice) and index.step in (None, 1):
+            start, stop, _ = index.indices(shape[d])
+            offset += start * strides[d]
+            size.append(max(stop - start, 0))
+            stride.append(strides[d])
+        else:
+            return None
+    return (tuple(size) + shape[len(region):], tuple(stride) + tuple(strides[len(region):]),
+            offset)

@@ -3,7 +3,8 @@
 A trainer pushes either what a checkpoint holds (``...q_proj.weight``, one tensor per
 expert) or what its own copy of the model class yields from ``named_parameters()``
 (``...qkv_proj.weight``, one tensor covering every piece of the fused parameter).
-``PushRoutes`` resolves both to a layer in O(1), from an index built once per plan.
+``PushRoutes`` resolves both to a layer in O(1), from one table built once per plan: a
+push looks each name up and gets a ``Route`` made at planning time, never a new one.
 """
 
 from __future__ import annotations
@@ -37,11 +38,16 @@ class Route:
 
 
 class PushRoutes:
-    """Resolves pushed names against a session's plan. Built once: O(pieces)."""
+    """Resolves pushed names against a session's plan. Built once: O(pieces).
+
+    Checkpoint names win over parameter names, then tied aliases, then parameter names;
+    the one table holds each name's winner. A name that is both a checkpoint piece and
+    its own parameter (a padded embedding's) is left out of it: ``resolve`` decides
+    those by shape.
+    """
 
     def __init__(self, plan: Plan):
-        self._plan = plan
-        self._tied = set(plan.tied.values())
+        tied = set(plan.tied.values())
         by_param: dict[str, list[str]] = {}
         for rec in plan.layers.values():
             for name, piece in rec.pieces.items():
@@ -53,6 +59,19 @@ class PushRoutes:
                               tuple(by_param.get(slot.full_name, ())), bool(slot.aliases))
                 for name in (slot.full_name, *slot.aliases):
                     self._params[name] = route
+        self.table: dict[str, Route] = {n: r for n, r in self._params.items() if r.pieces}
+        for alias, canonical in plan.tied.items():
+            if canonical in plan.by_ckpt and alias not in plan.by_ckpt:
+                self.table[alias] = Route(plan.by_ckpt[canonical], canonical, tied=True)
+        self._by_shape: dict[str, tuple[Route, Route]] = {}
+        for name, rec in plan.by_ckpt.items():
+            piece, whole = rec.pieces[name], self._params.get(name)
+            route = Route(rec, name, tied=name in tied)
+            if whole is not None and piece.region and whole.param == piece.param:
+                self.table.pop(name, None)
+                self._by_shape[name] = (route, whole)
+            else:
+                self.table[name] = route
 
     def resolve(self, name: str, shape: tuple[int, ...] | None = None) -> Route:
         """The route of ``name``; checkpoint names win over parameter names.
@@ -64,21 +83,15 @@ class PushRoutes:
             UnexpectedWeightError: ``name`` is neither a planned checkpoint name, a tied
                 alias, nor a parameter or persistent buffer of the model.
         """
-        by_ckpt = self._plan.by_ckpt
-        rec = by_ckpt.get(name)
-        if rec is not None:
-            piece, whole = rec.pieces[name], self._params.get(name)
-            if (whole is not None and shape is not None and piece.region
-                    and whole.param == piece.param
-                    and tuple(shape) == tuple(rec.slots[rec.slot_attr(piece.param)].shape)):
-                return whole
-            return Route(rec, name, tied=name in self._tied)
-        canonical = self._plan.tied.get(name)
-        if canonical is not None and canonical in by_ckpt:
-            return Route(by_ckpt[canonical], canonical, tied=True)
-        route = self._params.get(name)
-        if route is not None and route.pieces:
+        route = self.table.get(name)
+        if route is not None:
             return route
+        both = self._by_shape.get(name)
+        if both is not None:
+            piece_route, whole = both
+            rec = whole.rec
+            full = rec.slots[rec.slot_attr(whole.param)].shape
+            return whole if shape is not None and tuple(shape) == tuple(full) else piece_route
         raise UnexpectedWeightError(
             "pushed tensor matches no checkpoint name or parameter of the model",
             names=[name], tensor=name)

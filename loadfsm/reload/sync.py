@@ -19,8 +19,6 @@ from torch import nn
 
 from ..atomic import model_lock
 from ..errors import ConcurrentPushError, PushError
-from ..layer import LayerRecord
-from ..ledger import nbytes
 from ..loading.finiteness import COMMIT_BYTES
 from ..loading.session import LoadSession
 from ..report import LoadReport
@@ -151,14 +149,7 @@ class WeightSync:
         """
         weights = iter_weights(named_tensors)
 
-        def feed(push: ReloadTransaction) -> None:
-            for name, tensor in weights:
-                push.current = name
-                with torch.no_grad():     # trainer tensors may require grad
-                    self._arrive(name, tensor.detach(), push)
-                push.done(nbytes(tensor))
-
-        return self.run(feed, version=version)
+        return self.run(lambda push: push.feed(weights, self._routes), version=version)
 
     def run(self, feed: Callable[[ReloadTransaction], None], *,
             version=None) -> SyncReport:
@@ -245,25 +236,7 @@ class WeightSync:
         self.session.tracer.event("push_failed", **failure(error, committed=committed))
         raise error
 
-    def _arrive(self, name: str, tensor: torch.Tensor, push: ReloadTransaction) -> None:
-        route = self._routes.resolve(name, tensor.shape)
-        rec = route.rec
-        first = push.begin(rec, name)                                      # R1
-        if not first and route.tied and not _due(rec, route):
-            # The other name of a tied tensor already fed it in this push.
-            self.session.tracer.event("tied_weight", alias=name, canonical=route.name,
-                                      skipped=True)
-            return
-        if route.param is None:                                            # R2
-            self.session.driver.arrive(route.name, tensor)
-        else:
-            self.session.driver.arrive_param(rec, route.param, tensor, route.pieces)
-
     def close(self) -> None:
         """Close the trace file, if the sync writes one."""
         self.session.tracer.close()
 
-
-def _due(rec: LayerRecord, route) -> bool:
-    names = route.pieces if route.param is not None else (route.name,)
-    return all(name in rec.missing for name in names)

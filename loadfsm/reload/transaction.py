@@ -6,9 +6,14 @@ session finalizes through ``commit``: steps R1..R4 (ARCHITECTURE.md), cited belo
 
 from __future__ import annotations
 
+from typing import Iterable
+
+import torch
+
 from ..atomic import deferred_interrupts
 from ..layer import LayerRecord
 from ..states import LayerState
+from .routes import PushRoutes, Route
 
 
 class ReloadTransaction:
@@ -60,6 +65,36 @@ class ReloadTransaction:
         rec.defaulted = []
         self.session.driver.transition(rec, src, dst, "reload")
         return True
+
+    def feed(self, weights: Iterable[tuple[str, torch.Tensor]], routes: PushRoutes) -> None:
+        """R1 and R2 for named tensors (checkpoint or parameter names, ``routes``).
+
+        The hot path of a push: per tensor, one table lookup (a ``Route`` made at
+        planning), R1 only when the layer changes (consecutive names of one layer are
+        the usual order), and the driver's O(1) arrival; nothing else is allocated."""
+        driver, table = self.session.driver, routes.table
+        last = None
+        with torch.no_grad():             # trainer tensors may require grad
+            for name, tensor in weights:
+                self.current = name
+                route = table.get(name)
+                if route is None:
+                    route = routes.resolve(name, tensor.shape)
+                rec, first = route.rec, False
+                if rec is not last:
+                    first, last = self.begin(rec, name), rec                 # R1
+                if route.tied and not first and not _due(rec, route):
+                    # The other name of a tied tensor already fed it in this push.
+                    self.session.tracer.event("tied_weight", alias=name,
+                                              canonical=route.name, skipped=True)
+                elif route.param is None:                                    # R2
+                    driver.arrive_piece(rec, route.name,
+                                        tensor.detach() if tensor.requires_grad else tensor)
+                else:
+                    driver.arrive_param(rec, route.param, tensor.detach(), route.pieces)
+                self.received += tensor.nbytes
+                self.count += 1
+                self.current = None
 
     def done(self, nbytes_in: int) -> None:
         """The tensor ``begin`` named arrived."""
@@ -125,3 +160,8 @@ class ReloadTransaction:
             rec.missing.clear()
             src, dst = rec.fire("rollback")
             self.session.driver.transition(rec, src, dst, "rollback")
+
+
+def _due(rec: LayerRecord, route: Route) -> bool:
+    names = route.pieces if route.param is not None else (route.name,)
+    return all(name in rec.missing for name in names)
