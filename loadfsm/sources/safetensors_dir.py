@@ -9,6 +9,8 @@ groups the pieces of one layer even when shards interleave them. Files come from
 
 from __future__ import annotations
 
+import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -22,6 +24,8 @@ from .pinned import PinnedRing
 from .shard_file import MIN_CHUNK_BYTES, READ_THREADS, ShardFile
 
 PINNED_MAX_BYTES = 2 << 30   # larger tensors go through one reused pageable buffer
+READ_AHEAD = 3               # pinned buffers: one being copied, the next ones being read
+_END, _SPILL = object(), object()
 
 
 class SafetensorsSource:
@@ -72,13 +76,10 @@ class SafetensorsSource:
         return dict(self._index)
 
     def read(self, order: Iterable[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` in ``order``; each tensor lives in a reused buffer, valid
+        until the next one is asked for (the driver copies it into staging first)."""
         entries = self.entries()
-        names = list(entries if order is None else order)
-        if self.device.type == "cuda":
-            yield from self._read_pinned(names)
-            return
-        for name in names:
-            yield name, self.read_tensor(name)
+        yield from self._read_ahead_ring(list(entries if order is None else order))
 
     def read_tensor(self, name: str) -> torch.Tensor:
         """``name`` read into a new CPU tensor the caller owns."""
@@ -87,28 +88,60 @@ class SafetensorsSource:
         self._open(entry.file).read_into(name, out, self._threads(entry.nbytes))
         return out.view(entry.dtype).view(entry.shape)
 
-    def _read_pinned(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Reads straight into pinned buffers; the device copy of one tensor overlaps
-        the read of the next."""
+    def _read_ahead_ring(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Reads straight into (on CUDA, pinned) buffers, ahead of the consumer: a reader thread
+        fills the next buffers while the consumer copies one to the device and quantizes
+        (the ring bounds how far ahead). Tensors larger than a ring buffer go through one
+        pageable buffer, reused once its consumer is done."""
         largest = max((self._entries[n].nbytes for n in names), default=0)
-        ring = PinnedRing(min(largest, PINNED_MAX_BYTES), self.device) if largest else None
-        spill = None   # a copy from pageable memory returns once it has read the source
-        for name in names:
-            entry = self._entries[name]
-            if not entry.nbytes:
-                yield name, torch.empty(entry.shape, dtype=entry.dtype)
-                continue
-            pinned = entry.nbytes <= ring.nbytes
-            if pinned:
-                buffer = ring.take(entry.nbytes)
-            else:
-                if spill is None:
-                    spill = torch.empty(largest, dtype=torch.uint8)
-                buffer = spill[:entry.nbytes]
-            self._open(entry.file).read_into(name, buffer, self._threads(entry.nbytes))
-            yield name, buffer.view(entry.dtype).view(entry.shape)
-            if pinned:
-                ring.release()   # the consumer has enqueued its copy from the buffer by now
+        ring = PinnedRing(min(largest, PINNED_MAX_BYTES), self.device, READ_AHEAD)
+        spill = _Spill(largest)
+        ready: queue.SimpleQueue = queue.SimpleQueue()
+        stop = threading.Event()
+        reader = threading.Thread(target=self._read_ahead, name="loadfsm-read-ahead",
+                                  args=(names, ring, spill, ready, stop), daemon=True)
+        reader.start()
+        try:
+            while (item := ready.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                name, tensor, slot = item
+                yield name, tensor
+                if slot is _SPILL:
+                    spill.free.release()
+                elif slot is not None:
+                    ring.release(slot)
+        finally:
+            stop.set()
+            spill.free.release()            # a reader waiting for the spill buffer wakes
+            reader.join()                   # no read into a buffer outlives the load
+
+    def _read_ahead(self, names: list[str], ring: PinnedRing, spill: "_Spill",
+                    ready: queue.SimpleQueue, stop: threading.Event) -> None:
+        """The reader thread: each tensor into a free buffer, in order, until ``stop``."""
+        try:
+            for name in names:
+                entry = self._entries[name]
+                if not entry.nbytes:
+                    ready.put((name, torch.empty(entry.shape, dtype=entry.dtype), None))
+                    continue
+                if entry.nbytes <= ring.nbytes:
+                    taken = ring.acquire(stop)
+                    if taken is None:
+                        return
+                    slot, buffer = taken
+                else:
+                    spill.free.acquire()
+                    if stop.is_set():
+                        return
+                    slot, buffer = _SPILL, spill.buffer()
+                buffer = buffer[:entry.nbytes]
+                self._open(entry.file).read_into(name, buffer, self._threads(entry.nbytes))
+                ready.put((name, buffer.view(entry.dtype).view(entry.shape), slot))
+        except BaseException as exc:        # the consumer raises it, with its own type
+            ready.put(exc)
+        else:
+            ready.put(_END)
 
     def _threads(self, nbytes: int) -> ThreadPoolExecutor | None:
         if nbytes < 2 * MIN_CHUNK_BYTES or READ_THREADS == 1:
@@ -128,3 +161,18 @@ class SafetensorsSource:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+
+
+class _Spill:
+    """The one pageable buffer of tensors larger than a pinned buffer (a copy from
+    pageable memory returns once it has read the source, so the consumer's return
+    frees it)."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes, self._buffer = nbytes, None
+        self.free = threading.Semaphore(1)
+
+    def buffer(self) -> torch.Tensor:
+        if self._buffer is None:
+            self._buffer = torch.empty(self.nbytes, dtype=torch.uint8)
+        return self._buffer
