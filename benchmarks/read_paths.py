@@ -123,7 +123,8 @@ def pipelined(files, total, device, pool, slots: int = 4):
 
 
 PATHS = {"seq_read": seq_read, "pread_pinned": pread_pinned, "h2d_pinned": h2d_pinned,
-         "pipelined": pipelined, "registered": registered}
+         "pipelined": pipelined}
+
 
 
 def main(argv=None) -> dict:
