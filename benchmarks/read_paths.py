@@ -126,7 +126,6 @@ PATHS = {"seq_read": seq_read, "pread_pinned": pread_pinned, "h2d_pinned": h2d_p
          "pipelined": pipelined}
 
 
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, required=True)
