@@ -14,8 +14,11 @@ from .errors import (ConcurrentPushError, CorruptCheckpointError, DtypeMismatchE
                      ShapeMismatchError, UnexpectedWeightError)
 from .errors import (BadWeightItemError, CheckpointChangedError, TraceOverwritesInputError,
                      UnsafeCheckpointPathError, UnsupportedDeviceError)
+from .errors import InvalidScaleError
 from .integrations.engine import ShardWriteError, UnknownShardError
 from .quant.config import Fp8Config, Int8Config
+from .quant.fp8_layout import Fp8CheckpointConfig
+from .quant.push_fp8 import quantize_for_push
 from .reload.colocated import (ColocatedReceiver, ColocatedSender, ReceiverDiedError,
                                SenderDiedError)
 from .reload.transport import WeightReceiver, WeightSender
@@ -35,3 +38,4 @@ __all__ = [
 __all__ += ["ColocatedSender", "ColocatedReceiver", "SenderDiedError", "ReceiverDiedError"]
 __all__ += ["UnsafeCheckpointPathError", "CheckpointChangedError", "TraceOverwritesInputError",
             "BadWeightItemError", "UnsupportedDeviceError"]
+__all__ += ["Fp8CheckpointConfig", "quantize_for_push", "InvalidScaleError"]

@@ -8,13 +8,15 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .errors import UnsupportedDeviceError
+from .errors import LoadError, UnsupportedDeviceError
 from .loading.drive import planned_entries, run
+from .loading.prequantized import checkpoint_quant, trace_checkpoint_quant
 from .loading.session import default_device
 from .report import LoadReport
 from .session import LoadSession
 from .watchdog import Watchdog
 from .sources.base import IteratorSource
+from .sources.checkpoint_config import quantization_config
 from .sources.checkpoint_files import refuse_overwrite
 from .sources.dummy import DummySource
 from .sources.safetensors_dir import SafetensorsSource
@@ -36,6 +38,8 @@ def load(model: nn.Module, source: str | Path | Iterable | None, *, quant=None,
         quant: ``None``, ``"fp8"`` (per-tensor), ``"fp8-channel"``, ``"fp8-block"``,
             ``"int8"`` (weight-only, per channel), or a config: ``Fp8Config``,
             ``Int8Config``, or a registered handler's own (README, "Writing a handler").
+            A checkpoint already in FP8 (``weight_scale_inv`` / ``weight_scale`` tensors)
+            loads as it is, in its own layout (README, "Pre-quantized checkpoints").
         device: target device, the best available when ``None``.
         load_format: ``"auto"``, ``"safetensors"`` or ``"dummy"`` (seeded random weights).
         seed: seed of the dummy format.
@@ -64,10 +68,12 @@ def load(model: nn.Module, source: str | Path | Iterable | None, *, quant=None,
         raise UnsupportedDeviceError("cannot load weights onto the meta device; build the "
                                      "model on meta and load onto cpu or cuda")
     checkpoint = _checkpoint(source, load_format, device, trace)
+    quant, differs = _checkpoint_quant(quant, checkpoint, source)
     bar = None
     session = LoadSession(model, quant=quant, device=device, trace=trace, strict=strict,
                           max_in_flight=max_in_flight,
                           on_layer_done=(lambda rec: bar.update()) if progress else None)
+    trace_checkpoint_quant(session.tracer, session.quant, differs)
     bar = _progress_bar(progress, len(session.plan.layers))
     src = checkpoint or _open_source(session, source, load_format, seed)
     try:
@@ -88,6 +94,18 @@ def _checkpoint(source, load_format: str, device, trace) -> SafetensorsSource | 
                                    else default_device())
     refuse_overwrite(trace, checkpoint.inputs())
     return checkpoint
+
+
+def _checkpoint_quant(quant, checkpoint: SafetensorsSource | None, source):
+    """A checkpoint already in FP8 loads as it is (``loading.prequantized``). Headers or
+    a config that cannot be read are left to ``run``, which traces the failure."""
+    if checkpoint is None:
+        return quant, None
+    try:
+        entries, config = checkpoint.entries(), quantization_config(source)
+    except LoadError:
+        return quant, None
+    return checkpoint_quant(quant, entries, config)
 
 
 def _open_source(session: LoadSession, source, load_format: str, seed: int):

@@ -115,3 +115,7 @@ class BadWeightItemError(LoadError):
 
 class UnsupportedDeviceError(LoadError):
     """The target device cannot hold loaded weights (``meta``)."""
+
+
+class InvalidScaleError(LoadError):
+    """A pre-quantized weight's scale is zero or negative: its weight cannot be used."""

@@ -72,39 +72,58 @@ def _loadable(module: nn.Module):
 
 
 def plan_layers(model: nn.Module, choose: Callable[[str, nn.Module], Any],
-                pieces: Iterable[Piece] | None = None) -> Plan:
+                pieces: Iterable[Piece] | None = None, config=None) -> Plan:
     """Build one ``LayerRecord`` per module that owns tensors to load. O(tensors).
 
-    ``choose(name, module)`` gives each layer's handler.
+    ``choose(name, module)`` gives each layer's handler; a handler may plan other slots
+    than the module's own for ``config`` (``Handler.plan_slots``: a pre-quantized
+    checkpoint feeds an FP8 weight and its scale), with the pieces that feed them.
     ``pieces``, when given, replaces the model's own ``checkpoint_pieces`` (an
     integration that maps names for a model class it does not own passes them here).
     """
+    if pieces is None:
+        custom = getattr(model, "checkpoint_pieces", None)
+        pieces = custom() if callable(custom) else ()
+    pieces = list(pieces)
+    by_param: dict[str, list[Piece]] = {}
+    for piece in pieces:
+        by_param.setdefault(piece.param, []).append(piece)
     first_name: dict[int, TensorSlot] = {}
     tied: dict[str, str] = {}
     layers: dict[str, LayerRecord] = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):
+        loadable = list(_loadable(module))
+        if not loadable:
+            continue
+        handler = choose(mod_name, module)
+        prefix = f"{mod_name}." if mod_name else ""
+        planned = handler.plan_slots(mod_name, module, config, {
+            attr: by_param.get(prefix + attr, []) for attr, *_ in loadable})
+        if planned is not None:
+            own, extra = planned
+            pieces += extra
+            loadable = [(attr, None, torch.Size(shape), dtype, False)
+                        for attr, (shape, dtype) in own.items()]
         slots: dict[str, TensorSlot] = {}
-        for attr, tensor, shape, dtype, is_buffer in _loadable(module):
-            full = f"{mod_name}.{attr}" if mod_name else attr
-            canonical = first_name.get(id(tensor))
+        for attr, tensor, shape, dtype, is_buffer in loadable:
+            full = prefix + attr
+            canonical = first_name.get(id(tensor)) if tensor is not None else None
             if canonical is not None:
                 if canonical.full_name != full:
                     canonical.aliases.append(full)
                     tied[full] = canonical.full_name
                 continue
             slot = TensorSlot(attr, full, shape, dtype, is_buffer)
-            first_name[id(tensor)] = slot
+            if tensor is not None:
+                first_name[id(tensor)] = slot
             slots[attr] = slot
         if slots:
             name = mod_name or "<root>"
-            layers[name] = LayerRecord(name, module, choose(mod_name, module), slots)
+            layers[name] = LayerRecord(name, module, handler, slots)
 
     slot_owner = {slot.full_name: (rec, slot) for rec in layers.values()
                   for slot in rec.slots.values()}
     by_ckpt: dict[str, LayerRecord] = {}
-    if pieces is None:
-        custom = getattr(model, "checkpoint_pieces", None)
-        pieces = custom() if callable(custom) else ()
     named: set[str] = set()
     for piece in pieces:
         param = tied.get(piece.param, piece.param)

@@ -46,6 +46,14 @@ class Handler:
     # Whether ``quantize`` returns new tensors rather than the staging tensors themselves.
     makes_new_tensors: ClassVar[bool] = False
 
+    def plan_slots(self, name: str, module: nn.Module, config,
+                   pieces: dict[str, list]) -> tuple[dict, list] | None:
+        """What a checkpoint feeds ``module`` (registered at ``name``) under ``config``
+        when that is not the module's own tensors (a pre-quantized checkpoint: its FP8
+        weight and scale): ``({attr: (shape, dtype)}, extra pieces)``, or ``None`` for
+        the module's own. ``pieces``: attr -> the pieces the model names for it."""
+        return None
+
     def materialize(self, rec, device: torch.device) -> dict[str, torch.Tensor]:
         """Staging tensors on the target device. Padding is zero-filled, never garbage."""
         return {attr: (torch.zeros if slot.padded else torch.empty)(

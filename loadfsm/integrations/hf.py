@@ -19,9 +19,11 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Generation
 from transformers.modeling_utils import PreTrainedModel
 
 from ..loading.drive import run
+from ..loading.prequantized import checkpoint_quant, trace_checkpoint_quant
 from ..loading.session import LoadSession
 from ..quant.config import Fp8Config, resolve_quant
 from ..report import LoadReport
+from ..sources.checkpoint_config import quantization_config
 from ..sources.checkpoint_files import refuse_overwrite
 from ..sources.safetensors_dir import SafetensorsSource
 from . import hf_experts  # noqa: F401  (registers the FP8 handler of fused experts)
@@ -74,8 +76,13 @@ def from_pretrained(path: str | Path, quant="fp8", device=None, exclude=("lm_hea
     source = SafetensorsSource(path, device=device)
     refuse_overwrite(trace, [*source.inputs(), *path.glob("*.json")])
     try:
-        session, ignored = plan_session(model, source.entries(), hf_quant(quant, exclude),
+        entries = source.entries()
+        # A checkpoint already in FP8 loads as it is (``loading.prequantized``).
+        config_q, differs = checkpoint_quant(hf_quant(quant, exclude), entries,
+                                             quantization_config(path))
+        session, ignored = plan_session(model, entries, config_q,
                                         device=device, trace=trace, strict=strict)   # H2
+        trace_checkpoint_quant(session.tracer, session.quant, differs)
         report = run(session, _Ignoring(source, ignored))                        # H3, H4
     finally:
         source.close()

@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import ModelStateError
 from ..handlers.registry import handler_for
 from ..pieces import Piece
+from ..quant.fp8_layout import Fp8CheckpointConfig
 from ..plan import Plan, TensorEntry, check_fits, plan_layers
 from ..trace import Tracer
 
@@ -44,8 +45,9 @@ def default_pieces(model: nn.Module) -> list[Piece] | None:
 def plan_model(model: nn.Module, config, pieces: Iterable[Piece] | None) -> Plan:
     """Plan every layer of ``model`` under quant ``config``."""
     plan = plan_layers(model, lambda name, module: handler_for(name, module, config),
-                       default_pieces(model) if pieces is None else pieces)
+                       default_pieces(model) if pieces is None else pieces, config)
     _check_replannable(plan, config)
+    _check_prequantized(plan, config)
     by_module = {id(rec.module): rec for rec in plan.layers.values()}
     for name, module in model.named_modules(remove_duplicate=False):
         rec = by_module.get(id(module))      # a module shared by two parents: both names
@@ -68,6 +70,25 @@ def _check_replannable(plan: Plan, config) -> None:
             f"quantized load that quant={config!r} cannot replace; "
             "build the model again on meta, or load it with the scheme that made them",
             layer=stale[0])
+
+
+def _check_prequantized(plan: Plan, config) -> None:
+    """A pre-quantized checkpoint into a layer no pre-quantized handler takes (stacked
+    experts, an engine's own linear classes) would cast FP8 codes without their scales:
+    refuse before reading, naming the layer and its class."""
+    if not isinstance(config, Fp8CheckpointConfig):
+        return
+    online = config.kernel
+    refused = [rec for rec in plan.layers.values()
+               if not rec.handler.makes_new_tensors and not online.excludes(rec.name)
+               and handler_for(rec.name, rec.module, online).makes_new_tensors]
+    if refused:
+        kind = type(refused[0].module).__name__
+        raise ModelStateError(
+            f"{len(refused)} layer(s) of a class no pre-quantized FP8 handler takes "
+            f"({kind}) would be fed FP8 checkpoint tensors; load a bf16 checkpoint with "
+            "online FP8, or register a handler for the class under Fp8CheckpointConfig",
+            layer=refused[0].name)
 
 
 def loaded_config(model: nn.Module):

@@ -37,6 +37,10 @@ class Fp8Config:
             router flips top-k expert choices, a discrete error far larger than rounding. A pattern matches fnmatch-style against
             the full module name, or as a plain dotted suffix ("lm_head" matches
             "model.lm_head").
+        requantize: a checkpoint already in FP8 at another granularity (a block-FP8
+            checkpoint loaded with ``granularity="tensor"``) is requantized to this one
+            on the device; by default the checkpoint's granularity is kept (and a trace
+            warning names both). See ``quant.fp8_layout``.
 
     Raises:
         ValueError: on an unknown granularity, a bad block size or a bad exclude list.
@@ -45,6 +49,7 @@ class Fp8Config:
     granularity: Literal["tensor", "channel", "block"] = "tensor"
     block_size: tuple[int, int] = (128, 128)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    requantize: bool = False
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
