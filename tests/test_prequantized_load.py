@@ -246,3 +246,13 @@ def test_the_config_is_frozen_and_validated():
         Fp8CheckpointConfig("tensor", tensor_scale_shape=(2,))
     with pytest.raises(dataclasses.FrozenInstanceError):
         Fp8CheckpointConfig("block").granularity = "tensor"
+
+
+def test_fused_rows_that_split_a_scale_block_are_refused(tmp_path):
+    """q/k/v rows that are not whole blocks cannot share a block-scaled weight: the
+    planner names the scale and the layer (vLLM refuses the same checkpoints)."""
+    layout = Fp8CheckpointConfig("block", block_size=(96, 128), scale_name="weight_scale_inv")
+    with pytest.raises(loadfsm.ShapeMismatchError, match="split a 96-row") as err:
+        loadfsm.LoadSession(build_model(SMALL), quant=layout, device="cpu")
+    assert err.value.layer == QKV
+    assert err.value.tensor == "model.layers.0.self_attn.q_proj.weight_scale_inv"  # rows 0:256

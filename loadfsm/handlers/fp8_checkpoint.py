@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import DtypeMismatchError, InvalidScaleError
+from ..errors import DtypeMismatchError, InvalidScaleError, ShapeMismatchError
 from ..pieces import Piece
 from ..quant.fp8 import FP8_DTYPE, dequantize_fp8, quantize_fp8
 from ..quant.fp8_layout import INPUT_SCALE, Fp8CheckpointConfig
@@ -63,9 +63,13 @@ class PrequantizedFp8Handler(Handler):
             slots[INPUT_SCALE] = ((count, *inputs) if count > 1 else inputs, torch.float32)
         extra = []
         for i, piece in enumerate(weight_pieces):
+            try:
+                region = scale_region(layout, piece.region, i, count, shape[0])
+            except ValueError as exc:
+                raise ShapeMismatchError(str(exc), tensor=layout.scale_of(piece.ckpt_name),
+                                         layer=name) from None
             extra.append(Piece(layout.scale_of(piece.ckpt_name), prefix + layout.scale_name,
-                               scale_region(layout, piece.region, i, count, shape[0]),
-                               shard=piece.shard))
+                               region, shard=piece.shard))
             if inputs is not None:
                 extra.append(Piece(piece.ckpt_name[:-len("weight")] + INPUT_SCALE,
                                    prefix + INPUT_SCALE, (i,) if count > 1 else (),
