@@ -233,8 +233,8 @@ def test_constructor_allocates_int8():
 
 @pytest.mark.parametrize("scale, bias, match", [
     (torch.ones(32), None, "scale"),
-    (torch.ones(32, 1, dtype=torch.bfloat16), torch.ones(32), "bias"),
-], ids=["scale-shape", "bias-dtype"])
+    (torch.ones(32, 1, dtype=torch.bfloat16), torch.ones(31), "bias"),
+], ids=["scale-shape", "bias-shape"])
 def test_from_quantized_rejects_mismatches(scale, bias, match):
     q = torch.zeros(32, 16, dtype=torch.int8)
     with pytest.raises(ValueError, match=match):
