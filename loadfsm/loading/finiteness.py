@@ -23,6 +23,7 @@ import torch
 from ..errors import NonFiniteWeightError
 from ..layer import LayerRecord
 from ..quant.fp8 import flushed_to_zero, sample_rows
+from ..quant.prequantized import fp8_row_flags, is_fp8
 from ..trace import Tracer
 
 COMMIT_BYTES = 512 << 20     # bytes of held results per verification
@@ -123,17 +124,23 @@ def locatable(rec: LayerRecord, piece) -> bool:
 
 
 def _amax(t: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(t, ord=float("inf"), dtype=torch.float64)
+    if is_fp8(t.dtype):                     # a pre-quantized checkpoint's FP8 codes
+        return fp8_row_flags(t.reshape(-1)).amax().double()
+    # No ``dtype=``: it would cast a copy of the whole piece first; the scalar is cast.
+    return torch.linalg.vector_norm(t, ord=float("inf")).double()
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """Per row (over the last dim), a float64 value that is finite iff the row is: the
-    row's sum (a float64 sum of at most 2**53 values of <= 4 bytes cannot overflow, and
-    NaN/Inf propagate; on a CPU it is 2-4x faster than max|x|), max|x| for float64
-    rows. 1-D and 0-D tensors keep every element."""
-    if t.dtype == torch.float64:
-        return t.abs().amax(dim=-1) if t.dim() >= 2 else t.abs()
-    return t.sum(dim=-1, dtype=torch.float64) if t.dim() >= 2 else t.double()
+    """Per row (over the last dim), max|x|: finite iff the row is, exact for every dtype,
+    and computed without a temporary the size of ``t`` (a float64 ``sum(dtype=...)``
+    first makes a float64 copy: 4x a bf16 layer, above the memory bound on a GPU).
+    1-D and 0-D tensors keep every element. FP8 codes (a pre-quantized checkpoint's)
+    are read from their bits (``quant.prequantized.fp8_row_flags``)."""
+    if is_fp8(t.dtype):
+        return fp8_row_flags(t)
+    if t.dim() < 2:
+        return t.abs()
+    return torch.linalg.vector_norm(t, ord=float("inf"), dim=-1)
 
 
 def _first_bad(rec: LayerRecord, arrived: list, rows: dict | None) -> tuple[str, ...]:
