@@ -16,7 +16,7 @@ from torch import nn
 from loadfsm.quant.config import Fp8Config
 from loadfsm.quant.experts import StackedExperts
 from loadfsm.quant.fp8 import (FP8_DTYPE, _quantize_with_inv, _scale_from_amax,
-                               dequantize_fp8, fp8_scale_shape)
+                               dequantize_fp8, fp8_scale_shape, quantize_fp8)
 
 _INF = float("inf")
 
@@ -196,16 +196,20 @@ def _has_fp8_tensor_cores(device_index: int | None) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 9)
 
 
+_ROWS = Fp8Config(granularity="channel")
+
+
 def _scaled_mm(x2, q, scale, config, out_dtype):
-    # x2: [M, K]; q: [N, K]. Activations are quantized on the fly with the weight recipe:
-    # one scale for per-tensor weights, one per token (row) for per-channel weights.
-    if config.granularity == "tensor":
-        x_scale = _scale_from_amax(torch.linalg.vector_norm(x2, ord=_INF))  # []
-        w_scale = scale  # []
+    # x2: [M, K]; q: [N, K]. With a bf16 output, activations are quantized per token (row)
+    # in one fused pass (the per-row kernel of ``quantize_fp8``) and the GEMM is
+    # _scaled_mm's row-wise path ([M, 1] x [1, N] scales; CUTLASS on sm90): a per-tensor
+    # weight scale is broadcast to a row of N. Other outputs keep one activation scale.
+    if out_dtype == torch.bfloat16:
+        xq, x_scale = quantize_fp8(x2.contiguous(), _ROWS)                     # [M, 1]
+        w_scale = (scale.reshape(1, -1) if config.granularity == "channel"
+                   else scale.reshape(1, 1).expand(1, q.shape[0]).contiguous())  # [1, N]
     else:
-        x_scale = _scale_from_amax(
-            torch.linalg.vector_norm(x2, ord=_INF, dim=-1, keepdim=True))  # [M, 1]
-        w_scale = scale.reshape(1, -1)  # [1, N]
-    xq = _quantize_with_inv(x2, x_scale.reciprocal())
+        x_scale = _scale_from_amax(torch.linalg.vector_norm(x2, ord=_INF))     # []
+        xq, w_scale = _quantize_with_inv(x2, x_scale.reciprocal()), scale
     # q.t() is [K, N] column-major, the layout _scaled_mm wants for its second operand.
     return torch._scaled_mm(xq, q.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype)
