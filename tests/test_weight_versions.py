@@ -5,8 +5,11 @@ import torch
 from structlog.testing import capture_logs
 
 import loadfsm
+from loadfsm.quant.config import Fp8Config
+from loadfsm.quant.push_fp8 import quantize_for_push
 from loadfsm.reload.checksum import expected_checksums, layer_checksums
 from loadfsm.testing import build_model, load_reference_model, reference_state_dict
+from loadfsm.testing.fp8_checkpoint import write_fp8_checkpoint
 from tiny_models import QKV0, SMALL, SMALL_MOE
 
 O_PROJ0 = "model.layers.0.self_attn.o_proj"
@@ -113,3 +116,19 @@ def test_checksums_of_a_model_equal_those_of_its_sync():
     """``layer_checksums(model)`` re-plans the loaded model and gives the sync's numbers."""
     model, sync = _engine()
     assert layer_checksums(model) == layer_checksums(sync)
+
+
+def test_prequantized_push_equals_the_checksums_of_its_bf16_weights(tmp_path):
+    """A trainer pushing FP8 it quantized itself (``quantize_for_push``) into an engine
+    loaded pre-quantized: the engine's checksums are ``expected_checksums`` of the bf16
+    weights under the engine's config."""
+    config = Fp8Config(granularity="block")
+    tensors = dict(quantize_for_push(load_reference_model(SMALL, seed=0), config))
+    model = build_model(SMALL)
+    loadfsm.load(model, write_fp8_checkpoint(tensors, tmp_path, layout="deepseek"),
+                 quant=config, device="cpu")
+    sync = loadfsm.WeightSync(model)
+    trainer = _trainer()
+    sync.push(quantize_for_push(trainer, config))
+    assert layer_checksums(sync) == expected_checksums(
+        build_model(SMALL), trainer.named_parameters(), quant=config, device="cpu")

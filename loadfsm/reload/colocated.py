@@ -257,7 +257,8 @@ class ColocatedReceiver:
 
         Raises:
             SenderDiedError: the trainer went away, before or during the push; layers
-                not in ``committed`` keep their old weights.
+                not in ``committed`` keep their old weights. The connection is done:
+                a new trainer connects to a new receiver on the same ``sync``.
             PushError: as ``WeightSync.push``; the rest of the push is still read (and
                 acknowledged) so the trainer is not left waiting.
         """
@@ -315,7 +316,11 @@ class ColocatedReceiver:
             rebuild, args = message["cuda"]
             self.buckets[message["index"]] = _Bucket(rebuild(*args))
         else:
-            fd = recv_handle(self.conn)
+            try:
+                fd = recv_handle(self.conn)
+            except (EOFError, OSError, RuntimeError) as exc:     # the trainer died sharing
+                raise SenderDiedError(f"the trainer went away while sharing bucket "
+                                      f"{message['index']} ({exc!r})", committed=[]) from exc
             try:
                 mapping = mmap.mmap(fd, message["size"])
             finally:
