@@ -46,6 +46,7 @@ class _Entry:
 
 
 _BY_CONFIG: dict[type | None, list[_Entry]] = {}
+_INSTALLERS: dict[type[nn.Module], Handler] = {}     # kernel module class -> its handler
 _FALLBACK = Handler()
 
 
@@ -66,6 +67,8 @@ def register_handler(handler: Handler, *, modules: tuple[type[nn.Module], ...] =
         if not (isinstance(kind, type) and issubclass(kind, nn.Module)):
             raise TypeError(f"{kind!r} is not an nn.Module subclass")
     _BY_CONFIG.setdefault(config, []).append(_Entry(handler, tuple(modules), subclasses, when))
+    for kernel in type(handler).__dict__.get("installs", ()):
+        _INSTALLERS.setdefault(kernel, handler)
     return handler
 
 
@@ -88,10 +91,10 @@ def handler_for(name: str, module: nn.Module, config) -> Handler:
 
 def installer_of(module: nn.Module) -> Handler | None:
     """The handler whose ``install`` makes ``module``'s class, nearest class first (a
-    subclass of a kernel module with a handler of its own finds that one)."""
-    handlers = {id(e.handler): e.handler for entries in _BY_CONFIG.values() for e in entries}
+    subclass of a kernel module with a handler of its own finds that one). O(depth of
+    the class hierarchy)."""
     for cls in type(module).__mro__:
-        for handler in handlers.values():
-            if cls in type(handler).__dict__.get("installs", ()):
-                return handler
+        handler = _INSTALLERS.get(cls)
+        if handler is not None:
+            return handler
     return None
