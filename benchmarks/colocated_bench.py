@@ -8,6 +8,7 @@ Side by side in one run, the same bf16 tensors each time:
               -> WeightSync.push (CUDA IPC on a GPU, memfd shared memory on CPU)
   ipc_copy    the same transport, the engine only copying each view into a same-sized
               tensor: moving the bytes between the processes, no push
+  checksum    layer_checksums of the engine after the push (GB/s of its live bytes)
 GB/s of bf16 input (median of ``--repeat``); ratios are what to compare. On one GPU both
 processes share device 0.
 """
@@ -25,6 +26,7 @@ import torch
 import loadfsm
 from loadfsm import ColocatedReceiver, ColocatedSender, LoadSession
 from loadfsm.loading.drive import planned_entries
+from loadfsm.reload.checksum import layer_checksums
 from loadfsm.testing import build_model
 
 
@@ -107,6 +109,7 @@ def run(args) -> dict:
         timings = {"in_process": _timed(lambda: sync.push(tensors), device, args.repeat),
                    "colocated": _timed(lambda: colocated(sync), device, args.repeat),
                    "ipc_copy": _timed(lambda: colocated(sink), device, args.repeat)}
+        checksum_s = _timed(lambda: layer_checksums(sync), device, args.repeat)
     finally:
         control.send(None)
         trainer.join(timeout=120)
@@ -116,6 +119,9 @@ def run(args) -> dict:
     for key, seconds in timings.items():
         result[f"{key}_s"] = round(seconds, 6)
         result[f"{key}_gbps"] = round(nbytes / seconds / 1e9, 3)
+    live = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    result.update(checksum_s=round(checksum_s, 6), live_bytes=live,
+                  checksum_gbps=round(live / checksum_s / 1e9, 3))
     result["colocated_vs_in_process"] = round(timings["in_process"] / timings["colocated"], 3)
     result["colocated_vs_ipc_copy"] = round(timings["ipc_copy"] / timings["colocated"], 3)
     return result
@@ -140,6 +146,8 @@ def main() -> None:
           f"{args.buckets} x {args.bucket_mb} MB buckets")
     for key in ("in_process", "colocated", "ipc_copy"):
         print(f"  {key:11} {result[f'{key}_s'] * 1e3:9.1f} ms  {result[f'{key}_gbps']:8.2f} GB/s")
+    print(f"  checksum    {result['checksum_s'] * 1e3:9.1f} ms  {result['checksum_gbps']:8.2f} GB/s"
+          f" of {result['live_bytes'] / 1e9:.3f} GB live")
     print(f"  colocated / in-process: {result['colocated_vs_in_process']:.2f}x   "
           f"colocated / ipc copy: {result['colocated_vs_ipc_copy']:.2f}x")
 
