@@ -132,3 +132,25 @@ def test_prequantized_push_equals_the_checksums_of_its_bf16_weights(tmp_path):
     sync.push(quantize_for_push(trainer, config))
     assert layer_checksums(sync) == expected_checksums(
         build_model(SMALL), trainer.named_parameters(), quant=config, device="cpu")
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@CUDA
+def test_checksums_on_cuda_equal_the_cpus_with_no_sync_per_layer():
+    """The same weights give the same numbers on CUDA as on CPU, computed with two
+    synchronizing transfers (the constants in, the results out) for the whole model."""
+    cpu, _ = _engine()
+    model = build_model(SMALL)
+    loadfsm.load(model, reference_state_dict(SMALL, 0).items(), quant="fp8", device="cuda")
+    sync = loadfsm.WeightSync(model)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning) as warned:
+            on_cuda = layer_checksums(sync)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert on_cuda == layer_checksums(cpu)
+    assert len([w for w in warned if "synchroniz" in str(w.message)]) <= 2

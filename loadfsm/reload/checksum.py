@@ -36,24 +36,31 @@ _MIX = (16807, 39373)           # per-lane factors folding tensors into a layer
 def layer_checksums(target: WeightSync | LoadSession | nn.Module) -> dict[str, int]:
     """Checksums of every loaded layer's live tensors: layer name -> 62-bit integer.
 
+    Computed where the tensors are; the constants go to each device once and the results
+    come back in one transfer per device (no sync per layer).
+
     Args:
         target: a ``WeightSync``, a ``LoadSession`` that loaded its model, or a model
             loadfsm loaded (re-planned: O(layers)). Layers still on ``meta`` are left out.
 
     Run it between pushes: a push in flight changes the tensors it reads.
     """
-    records = _records(target)
-    lanes, mults = {}, {}
+    lanes: dict[str, torch.Tensor] = {}
+    constants: dict[torch.device, _Constants] = {}
     with torch.no_grad():
-        for rec in records:
+        for rec in _records(target):
             live = rec.handler.live_tensors(rec)
             if any(t.is_meta for t in live.values()):
                 continue
-            lanes[rec.name] = _layer_lanes(live, mults)
-    if not lanes:
-        return {}
-    values = torch.stack([lane.cpu() for lane in lanes.values()]).tolist()   # one sync
-    return {name: (high << 31) | low for name, (high, low) in zip(lanes, values)}
+            lanes[rec.name] = _layer_lanes(live, constants)
+    by_device: dict[torch.device, list[str]] = {}
+    for name, lane in lanes.items():
+        by_device.setdefault(lane.device, []).append(name)
+    values = {}
+    for names in by_device.values():
+        for name, (high, low) in zip(names, torch.stack([lanes[n] for n in names]).tolist()):
+            values[name] = (high << 31) | low
+    return {name: values[name] for name in lanes}
 
 
 def expected_checksums(model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]],
@@ -96,22 +103,37 @@ def _records(target) -> list[LayerRecord]:
     return list(target.plan.layers.values())
 
 
-def _layer_lanes(live: dict[str, torch.Tensor], mults: dict) -> torch.Tensor:
+class _Constants:
+    """The hash's constants on one device, copied there once per call (a host-to-device
+    copy per tensor would sync each time)."""
+
+    def __init__(self, device: torch.device):
+        generator = torch.Generator().manual_seed(0x10AD)
+        # Per-position multipliers in [1, 2**16): a 16-bit word times one fits int32.
+        mults = torch.randint(1, 1 << 16, (2 * _ROW,), generator=generator)
+        packed = torch.cat([mults, torch.tensor([*_ROW_FACTORS, *_MIX])]).to(device)
+        self.mults = packed[:2 * _ROW].view(2, _ROW).to(torch.int32)       # [2, _ROW]
+        self.row_factors = packed[2 * _ROW:2 * _ROW + 2]                      # [2] int64
+        self.mix = packed[2 * _ROW + 2:]                                      # [2] int64
+
+
+def _layer_lanes(live: dict[str, torch.Tensor],
+                 constants: dict[torch.device, _Constants]) -> torch.Tensor:
     """The two lanes of a layer (int64 ``[2]`` on its device): its tensors folded in
-    attribute order, each with its byte length. ``mults``: the multipliers per device,
-    made once per call (a host-to-device copy per tensor would sync)."""
+    attribute order, each with its byte length."""
     acc = None
     for attr in sorted(live):
         tensor = live[attr]
-        if tensor.device not in mults:
-            mults[tensor.device] = _multipliers(tensor.device)
-        lanes = _tensor_lanes(tensor, mults[tensor.device])
-        acc = lanes if acc is None else (acc * lanes.new_tensor(_MIX) + lanes) % _P
+        if tensor.device not in constants:
+            constants[tensor.device] = _Constants(tensor.device)
+        const = constants[tensor.device]
+        lanes = _tensor_lanes(tensor, const)
+        acc = lanes if acc is None else (acc * const.mix + lanes) % _P
     return acc
 
 
-def _tensor_lanes(tensor: torch.Tensor, mults: torch.Tensor) -> torch.Tensor:
-    """The two lanes of one tensor; ``mults``: ``[2, _ROW]`` int32 on its device."""
+def _tensor_lanes(tensor: torch.Tensor, const: _Constants) -> torch.Tensor:
+    """The two lanes of one tensor (int64 ``[2]``)."""
     data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
     if data.storage_offset() % 2:         # 16-bit words need an even start
         data = data.clone()
@@ -123,26 +145,19 @@ def _tensor_lanes(tensor: torch.Tensor, mults: torch.Tensor) -> torch.Tensor:
     for start in range(0, rows, _CHUNK_ROWS):
         stop = min(rows, start + _CHUNK_ROWS)
         block = words[start * _ROW:stop * _ROW].view(-1, 1, _ROW).to(torch.int32)
-        acc += _weighted_rows((block * mults).sum(-1), start)    # [rows, 2]
+        acc += _weighted_rows((block * const.mults).sum(-1), start, const)  # [rows, 2]
     tail = words[rows * _ROW:]
     if tail.numel():
-        row = (tail.to(torch.int32) * mults[:, :tail.numel()]).sum(-1).view(1, 2)
-        acc += _weighted_rows(row, rows)
+        row = (tail.to(torch.int32) * const.mults[:, :tail.numel()]).sum(-1).view(1, 2)
+        acc += _weighted_rows(row, rows, const)
     if n % 2:
         acc += data[even:].to(torch.int64) * 257
     return (acc + n) % _P
 
 
-def _weighted_rows(sums: torch.Tensor, first: int) -> torch.Tensor:
+def _weighted_rows(sums: torch.Tensor, first: int, const: _Constants) -> torch.Tensor:
     """Sum over rows of (row sum mod P) * (row weight), mod P, per lane: ``[2]``."""
     index = torch.arange(first + 1, first + 1 + sums.shape[0], device=sums.device,
                          dtype=torch.int64).view(-1, 1)
-    weights = (index * index.new_tensor(_ROW_FACTORS)) % _P
+    weights = (index * const.row_factors) % _P
     return ((sums % _P) * weights % _P).sum(0)
-
-
-def _multipliers(device: torch.device) -> torch.Tensor:
-    """Fixed per-position multipliers in [1, 2**16): every word times one stays in int32."""
-    generator = torch.Generator().manual_seed(0x10AD)
-    return torch.randint(1, 1 << 16, (2, _ROW), generator=generator,
-                         dtype=torch.int32).to(device)
