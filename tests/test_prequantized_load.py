@@ -14,7 +14,7 @@ from loadfsm.errors import InvalidScaleError
 from loadfsm.quant.config import Fp8Config
 from loadfsm.quant.fp8 import dequantize_fp8, quantize_fp8, sqnr_db
 from loadfsm.quant.fp8_layout import Fp8CheckpointConfig, detect_fp8_checkpoint
-from loadfsm.quant.prequantized import PrequantizedFp8Linear
+from loadfsm.quant.prequantized import PrequantizedFp8Linear, PrequantizedFp8StackedExperts
 from loadfsm.quant.push_fp8 import quantize_for_push
 from loadfsm.testing import build_model, load_reference_model, reference_state_dict
 from loadfsm.testing.engine_llama import EngineLlamaForCausalLM
@@ -224,16 +224,45 @@ def test_layouts_are_read_from_headers_and_config():
     assert detect_fp8_checkpoint(plain, {"quant_method": "fp8"}) is None
 
 
-@pytest.mark.parametrize("model", ["engine", "moe"])
-def test_classes_no_prequantized_handler_takes_are_refused_before_reading(tmp_path, model):
-    """Stacked experts and an engine's own linears (vLLM's online layout) cannot take FP8
-    checkpoint tensors: a ModelStateError names the layer before any data is read."""
-    config = SMALL_MOE if model == "moe" else SMALL
+def test_engine_classes_are_refused_before_reading():
+    """An engine's own linears (vLLM's online layout) have no place for checkpoint scales:
+    a ModelStateError names the layer before any data is read."""
     layout = Fp8CheckpointConfig("block", scale_name="weight_scale_inv")
     with torch.device("meta"):
-        meta = EngineLlamaForCausalLM(SMALL) if model == "engine" else build_model(config)
-    with pytest.raises(loadfsm.ModelStateError, match="pre-quantized"):
+        meta = EngineLlamaForCausalLM(SMALL)
+    with pytest.raises(loadfsm.ModelStateError, match="pre-quantized") as err:
         loadfsm.LoadSession(meta, quant=layout, device="cpu")
+    assert err.value.layer == QKV
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_stacked_experts_load_prequantized_with_scales_per_expert(tmp_path, layout):
+    """One FP8 tensor and one scale per expert projection (DeepSeek-V3's MoE layout)
+    land in the stacked experts; routers stay bf16; logits equal the bf16 model of the
+    dequantized weights (per-tensor gate/up scales of an expert share the largest)."""
+    tensors = quantize_state(reference_state_dict(SMALL_MOE), layout, block_size=(32, 32))
+    path = write_fp8_checkpoint(tensors, tmp_path, layout=layout, block_size=(32, 32))
+    model = build_model(SMALL_MOE)
+    report = loadfsm.load(model, path, quant="fp8", device="cpu")
+    assert report.states["FINALIZED"] == len(report.layer_states)
+    twin = build_model(SMALL_MOE)
+    loadfsm.load(twin, dequantized_state(tensors, layout, block_size=(32, 32)).items(),
+                 device="cpu")
+    experts = model.get_submodule("model.layers.0.mlp.experts")
+    assert isinstance(experts, PrequantizedFp8StackedExperts)
+    assert isinstance(model.get_submodule("model.layers.0.mlp.gate"), nn.Linear)
+    ref = twin.get_submodule("model.layers.0.mlp.experts")
+    down = dequantize_fp8(experts.down_proj, experts.down_proj_scale, experts.config)
+    assert same(down, ref.down_proj)
+    gate_up = dequantize_fp8(experts.gate_up_proj, experts.gate_up_proj_scale, experts.config)
+    if layout == "modelopt":
+        assert sqnr_db(ref.gate_up_proj.float(), gate_up.float()) >= 25.0
+        return
+    assert same(gate_up, ref.gate_up_proj)
+    ids = torch.randint(0, SMALL_MOE.vocab_size, (2, 8),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids), twin(ids))
 
 
 def test_the_config_is_frozen_and_validated():

@@ -107,8 +107,9 @@ class Fp8CheckpointConfig:
         return module_name in self.exclude
 
     def scale_of(self, weight_name: str) -> str:
-        """The checkpoint name of ``weight_name``'s scale (``...weight`` -> ``...weight_scale``)."""
-        return weight_name[:-len("weight")] + self.scale_name
+        """The name of ``weight_name``'s scale: ``...weight`` -> ``...weight_scale_inv``,
+        a stacked experts' ``...gate_up_proj`` -> ``...gate_up_proj_scale_inv``."""
+        return weight_name + self.scale_name[len("weight"):]
 
     def for_pushes(self) -> Fp8CheckpointConfig:
         """What a loaded module keeps to re-plan: pushes carry weights and their scales,

@@ -16,6 +16,7 @@ from torch import nn
 
 from loadfsm.pieces import Piece
 from loadfsm.quant.config import Fp8Config
+from loadfsm.quant.experts import StackedExperts
 from loadfsm.quant.fp8 import quantize_fp8
 from loadfsm.quant.fp8_layout import Fp8CheckpointConfig
 from loadfsm.quant.prequantized import scale_region
@@ -26,7 +27,8 @@ def quantize_for_push(model: nn.Module, config: Fp8Config, *,
     """``(name, tensor)`` pairs of ``model``'s parameters for ``WeightSync.push`` into an
     engine that loaded FP8 weights pre-quantized in ``config``'s layout.
 
-    Every ``nn.Linear`` weight ``config`` does not exclude is quantized whole with
+    Every ``nn.Linear`` weight (and ``StackedExperts`` projection, one scale set per
+    expert) ``config`` does not exclude is quantized whole with
     ``quantize_fp8`` (bit-identical to the engine quantizing the bf16 parameter), then
     split into the model's ``checkpoint_pieces`` (fused q/k/v give ``q_proj.weight`` ...
     with their rows of the scales; a per-tensor scale goes with each piece). A model
@@ -40,8 +42,9 @@ def quantize_for_push(model: nn.Module, config: Fp8Config, *,
         scale_name: the scale suffix the engine's checkpoint used, when not the default.
     """
     layout = Fp8CheckpointConfig.of(config, scale_name)
-    linear = {f"{name}.weight" if name else "weight" for name, module in model.named_modules()
-              if isinstance(module, nn.Linear) and not config.excludes(name)}
+    quantized = {f"{name}.{attr}" if name else attr
+                 for name, module in model.named_modules() if not config.excludes(name)
+                 for attr in _weights(module)}
     custom = getattr(model, "checkpoint_pieces", None)
     by_param: dict[str, list[Piece]] = {}
     for piece in (custom() if callable(custom) else ()):
@@ -49,7 +52,7 @@ def quantize_for_push(model: nn.Module, config: Fp8Config, *,
     with torch.no_grad():
         for name, param in model.named_parameters():
             pieces = by_param.get(name, [])
-            if name not in linear:
+            if name not in quantized:
                 if not pieces:
                     yield name, param.detach()
                 for piece in pieces:
@@ -62,4 +65,14 @@ def quantize_for_push(model: nn.Module, config: Fp8Config, *,
             for piece in pieces:
                 yield piece.ckpt_name, q[piece.region]
                 yield layout.scale_of(piece.ckpt_name), scale[
-                    scale_region(layout, piece.region, 0, 1, q.shape[0])]
+                    scale_region(layout, piece.region, 0, 1, q.shape[-2])]
+
+
+def _weights(module: nn.Module) -> tuple[str, ...]:
+    """The attributes the engine's online FP8 quantizes: a linear's weight, stacked
+    experts' two projections."""
+    if isinstance(module, nn.Linear):
+        return ("weight",)
+    if isinstance(module, StackedExperts):
+        return ("gate_up_proj", "down_proj")
+    return ()
