@@ -12,7 +12,8 @@ from structlog.testing import capture_logs
 
 import loadfsm
 from loadfsm.reload.checksum import expected_checksums, layer_checksums
-from loadfsm.reload.colocated import ColocatedReceiver, ColocatedSender, SenderDiedError
+from loadfsm.reload.colocated import (ColocatedReceiver, ColocatedSender, ReceiverDiedError,
+                                       SenderDiedError)
 from loadfsm.reload.routes import checkpoint_tensors
 from loadfsm.reload.transport import SenderAbortedError
 from loadfsm.testing import build_model, load_reference_model, reference_state_dict
@@ -312,4 +313,50 @@ def test_trainer_waits_for_the_engine_before_refilling_a_bucket():
     assert engine_end.recv()["kind"] == "end"
     thread.join(timeout=60)
     assert not thread.is_alive()
+    sender.close()
+
+
+def test_trainer_gone_between_pushes_is_reported_and_changes_nothing(tmp_path):
+    """A trainer that exits after its last push: the engine's next receive raises
+    SenderDiedError (committed nothing) instead of waiting forever."""
+    model, sync = _engine(SMALL)
+    process, conn = _start(SMALL, tmp_path, 1)
+    receiver = ColocatedReceiver(sync, conn)
+    try:
+        receiver.receive()
+        before = snapshot(model)
+        with capture_logs() as logs, pytest.raises(SenderDiedError) as caught:
+            receiver.receive()
+        assert caught.value.committed == []
+        assert [e["error"] for e in logs if e["event"] == "push_failed"] == ["SenderDiedError"]
+        assert all(same(t, before[n]) for n, t in model.state_dict().items())
+    finally:
+        receiver.close()
+        process.join(timeout=60)
+
+
+def test_engine_gone_fails_the_trainers_push():
+    """An engine that closes its connection while the trainer waits for an
+    acknowledgement gives the trainer ReceiverDiedError, not a hang."""
+    engine_end, trainer_end = multiprocessing.Pipe()
+    sender = ColocatedSender(trainer_end, bucket_bytes=64, buckets=2)
+    raised = []
+
+    def push():
+        try:
+            sender([(f"t{i}", torch.zeros(16)) for i in range(4)])
+        except ReceiverDiedError as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=push, daemon=True)
+    thread.start()
+    for _ in range(2):
+        engine_end.recv()                     # hello, begin
+    for _ in range(2):
+        engine_end.recv()                     # share
+        recv_handle(engine_end)
+        engine_end.recv()                     # bucket
+    engine_end.close()
+    thread.join(timeout=60)
+    assert len(raised) == 1 and not thread.is_alive()
     sender.close()
