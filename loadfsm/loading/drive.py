@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from ..plan import TensorEntry, expected_shape
 from ..report import LoadReport
+from ..sources.base import Source
 from .session import LoadSession
 
 
-def run(session: LoadSession, source) -> LoadReport:
-    """Drive ``session`` from ``source`` (``sources.base``) to its report."""
+def run(session: LoadSession, source: Source) -> LoadReport:
+    """Drive ``session`` from ``source`` to its report."""
     session.file_of = source.file_of
     try:
         entries = source.entries()
