@@ -4,7 +4,8 @@ Every trainer rank that owns weights calls a ``WeightSender`` after its optimize
 (``sender(model.named_parameters())``); every engine rank calls
 ``WeightReceiver.receive()``, which feeds the arrivals into its ``WeightSync``.
 
-Wire protocol, per push, all collectives on ``group`` (``wire`` has the formats):
+Wire protocol, per push, all collectives on ``group`` (``wire`` has the formats,
+``chain`` the reading side every rank shares):
 
 - **T1** per sender, in the order of ``senders``, a 64-byte header broadcast from it:
   its first bucket's size and table CRC, then that table once per layout (its first
@@ -27,32 +28,23 @@ travels alone. Buckets live on the CPU with gloo, on the current CUDA device wit
 from __future__ import annotations
 
 import collections
-import ctypes
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
 
-from ..errors import LoadError, PushError
+from ..errors import PushError
 from ..watchdog import Watchdog
+from .chain import Chain, Peer, SenderAbortedError
 from .sync import SyncReport, WeightSync
-from .wire import (ABORT, ALIGN, BUCKET, END, HEADER_BYTES, Entry, Header, WireError, aligned,
-                   crc, decode_table, dtype_supported, encode_table)
+from .wire import (ABORT, ALIGN, BUCKET, END, HEADER_BYTES, Entry, Header, aligned, crc,
+                   dtype_supported, encode_table)
+
+__all__ = ["SenderAbortedError", "WeightReceiver", "WeightSender"]
 
 DEFAULT_BUCKET_BYTES = 256 << 20
 DEFAULT_BUFFERS = 2
 STALL_WARNING_S = 60.0       # a bucket of 256 MB takes well under a second on any link
-
-
-class SenderAbortedError(LoadError):
-    """The trainer's push failed before it finished sending (its iterator raised)."""
-
-
-def _comm_device(group) -> torch.device:
-    """Where buckets and headers live for the group's backend."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _senders(src: int | Sequence[int]) -> tuple[int, ...]:
@@ -62,129 +54,7 @@ def _senders(src: int | Sequence[int]) -> tuple[int, ...]:
     return senders
 
 
-class _Ring:
-    """``count`` rotating uint8 buffers, each grown (never shrunk) to what it must hold,
-    and the pending collective of each."""
-
-    def __init__(self, count: int, device: torch.device):
-        if count < 1:
-            raise ValueError(f"buffers must be >= 1, got {count}")
-        self.device = device
-        self.buffers: list[torch.Tensor | None] = [None] * count
-        self.work: list = [None] * count
-
-    def take(self, slot: int, nbytes: int) -> torch.Tensor:
-        """Buffer ``slot``, at least ``nbytes``, once its last collective is done."""
-        self.wait(slot)
-        buf = self.buffers[slot]
-        if buf is None or buf.numel() < nbytes:
-            buf = self.buffers[slot] = torch.empty(nbytes, dtype=torch.uint8,
-                                                   device=self.device)
-        return buf
-
-    def wait(self, slot: int | None = None) -> None:
-        for i in range(len(self.work)) if slot is None else (slot,):
-            if self.work[i] is not None:
-                self.work[i].wait()
-                self.work[i] = None
-
-
-class _Chain:
-    """Reads one sender's chain of buckets (T1..T3) on any rank: headers, tables once
-    per layout, buckets received into a ring while the previous one is consumed."""
-
-    def __init__(self, owner: "_Peer", src: int):
-        self.owner, self.src = owner, src
-
-    def buckets(self) -> Iterator[tuple[Header, int, torch.Tensor, list[Entry]]]:
-        """Yield ``(header, ring slot, buffer, table)`` per bucket; bucket k+1 is on the
-        wire while the caller handles bucket k. Raises ``SenderAbortedError`` at an abort."""
-        peer = self.owner
-        header = peer.recv_header(self.src)                                       # T1
-        if len(peer.ring.buffers) < 2:
-            raise ValueError("a receiver needs buffers >= 2 (one received while one is "
-                             "applied)")
-        pending = self._post(header, 0) if header.kind == BUCKET else None
-        slot = 0
-        while pending is not None:
-            this, buf, table = pending
-            peer.ring.wait(slot)
-            header = Header.decode(buf[this.size:this.size + HEADER_BYTES])
-            nxt = (slot + 1) % len(peer.ring.buffers)
-            pending = self._post(header, nxt) if header.kind == BUCKET else None  # T2
-            yield this, slot, buf, table
-            slot = nxt
-        if header.kind == ABORT:                                                  # T3
-            raise SenderAbortedError(f"sender rank {self.src} aborted the push: "
-                                     f"{peer.recv_reason(self.src, header)}")
-
-    def _post(self, header: Header, slot: int):
-        peer = self.owner
-        table = peer.table(self.src, header)
-        buf = peer.ring.take(slot, header.size + HEADER_BYTES)
-        peer.ring.work[slot] = dist.broadcast(buf[:header.size + HEADER_BYTES], self.src,
-                                              group=peer.group, async_op=True)
-        return header, buf, table
-
-
-class _Peer:
-    """What senders and receivers share: the group, the ring, the tables seen."""
-
-    def __init__(self, group, senders: tuple[int, ...], buffers: int):
-        self.group, self.senders = group, senders
-        self._buffers = buffers
-        self._ring: _Ring | None = None
-        self.tables: dict[tuple[int, int], tuple[int, list[Entry]]] = {}
-        self.tables_received = 0      # tables that travelled in the last push
-
-    @property
-    def ring(self) -> _Ring:
-        if self._ring is None:
-            self._ring = _Ring(self._buffers, _comm_device(self.group))
-        return self._ring
-
-    def _small(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.ring.device)
-
-    def recv_header(self, src: int) -> Header:
-        raw = self._small(HEADER_BYTES)
-        dist.broadcast(raw, src, group=self.group)
-        return Header.decode(raw)
-
-    def table(self, src: int, header: Header) -> list[Entry]:
-        """Bucket ``header.index``'s table: received when it travels, else the one kept."""
-        key = (src, header.index)
-        if header.table_len:
-            raw = self._small(header.table_len)
-            dist.broadcast(raw, src, group=self.group)
-            data = _host_bytes(raw)
-            if crc(data) != header.table_crc:
-                raise WireError(f"bucket {header.index} table from rank {src} is corrupt")
-            self.tables[key] = (header.table_crc, decode_table(data))
-            self.tables_received += 1
-        kept = self.tables.get(key)
-        if kept is None or kept[0] != header.table_crc:
-            raise WireError(f"rank {src} sent bucket {header.index} of a layout this rank "
-                            "never received (a receiver made after the sender's first "
-                            "push?): make the WeightSender again, so its tables travel")
-        return kept[1]
-
-    def recv_reason(self, src: int, header: Header) -> str:
-        raw = self._small(header.reason_len)
-        dist.broadcast(raw, src, group=self.group)
-        return _host_bytes(raw).decode(errors="replace")
-
-    def follow(self, src: int) -> BaseException | None:
-        """Receive another sender's chain and drop it; its abort is returned, not raised."""
-        try:
-            for _ in _Chain(self, src).buckets():
-                pass
-        except SenderAbortedError as exc:
-            return exc
-        return None
-
-
-class WeightSender(_Peer):
+class WeightSender(Peer):
     """Trainer side: sends named tensors in flattened buckets, pipelined.
 
     Args:
@@ -346,7 +216,7 @@ class _Packed(NamedTuple):
     nbytes: int
 
 
-class WeightReceiver(_Peer):
+class WeightReceiver(Peer):
     """Engine side: receives the senders' buckets and pushes them into ``sync``.
 
     Args:
@@ -413,7 +283,7 @@ class WeightReceiver(_Peer):
                 self.follow(src)
                 continue
             try:
-                for header, slot, buf, table in _Chain(self, src).buckets():
+                for header, slot, buf, table in Chain(self, src).buckets():
                     yield from self._hosted(src, header, slot, buf, table)
             except SenderAbortedError as exc:
                 aborted = exc
@@ -449,8 +319,3 @@ def _nbytes(tensor: torch.Tensor) -> int:
 
 def _reason(exc: BaseException) -> bytes:
     return f"{type(exc).__name__}: {exc}".encode()[:4096] or b"?"
-
-
-def _host_bytes(raw: torch.Tensor) -> bytes:
-    host = raw.cpu().contiguous()
-    return ctypes.string_at(host.data_ptr(), host.numel())
