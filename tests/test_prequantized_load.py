@@ -125,7 +125,7 @@ def test_another_granularity_asked_warns_and_keeps_the_checkpoints(tmp_path):
     with capture_logs() as logs:
         report = loadfsm.load(model, path, quant="fp8", device="cpu")
     warned = [e for e in logs if e["event"] == "checkpoint_quant_differs"]
-    assert warned and warned[0]["asked"] == "fp8" and warned[0]["checkpoint"] == "fp8-block"
+    assert warned and warned[0]["asked"] == "fp8" and warned[0]["checkpoint"] == "fp8-block 128x128"
     assert warned[0]["action"] == "keep" and report.quant == "fp8-block-prequantized"
     assert model.get_submodule(QKV).config.granularity == "block"
 

@@ -24,9 +24,6 @@ from ..quant.prequantized import (PrequantizedFp8Linear, PrequantizedFp8StackedE
 from .base import Handler, Install
 from .registry import register_handler
 
-_KERNELS = (PrequantizedFp8Linear, PrequantizedFp8StackedExperts)
-
-
 class PrequantizedFp8Handler(Handler):
     """Plans, checks and installs pre-quantized FP8 weights; subclasses say which
     attributes are the FP8 weights and which kernel module takes them."""
@@ -34,9 +31,10 @@ class PrequantizedFp8Handler(Handler):
     makes_new_tensors = True
     weights: tuple[str, ...] = ()
 
-    @staticmethod
-    def layout(module: nn.Module, config) -> Fp8CheckpointConfig | None:
-        if isinstance(module, _KERNELS):
+    def layout(self, module: nn.Module, config) -> Fp8CheckpointConfig | None:
+        """The checkpoint layout: the load's config, or the one a kernel module of this
+        handler keeps (a re-planned model)."""
+        if isinstance(module, self.installs):
             return module.layout
         return config if isinstance(config, Fp8CheckpointConfig) else None
 
@@ -51,8 +49,8 @@ class PrequantizedFp8Handler(Handler):
         if layout is None:
             return None
         prefix = f"{name}." if name else ""
-        if not isinstance(module, _KERNELS) and not self._stored_fp8(name, prefix, layout,
-                                                                     pieces):
+        if not isinstance(module, self.installs) and not self._stored_fp8(name, prefix,
+                                                                           layout, pieces):
             return None                           # kept in full precision by the checkpoint
         slots, extra = {}, []
         for attr, (shape, dtype) in _own_slots(module).items():
@@ -135,7 +133,7 @@ class PrequantizedFp8Handler(Handler):
         raise NotImplementedError(f"{type(self).__name__} names no kernel module")
 
     def live_tensors(self, rec) -> dict[str, torch.Tensor]:
-        if isinstance(rec.module, _KERNELS):
+        if isinstance(rec.module, self.installs):
             return dict(rec.module.named_parameters(recurse=False))
         return super().live_tensors(rec)
 

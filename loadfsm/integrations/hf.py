@@ -27,6 +27,7 @@ from ..sources.checkpoint_config import quantization_config
 from ..sources.checkpoint_files import refuse_overwrite
 from ..sources.safetensors_dir import SafetensorsSource
 from . import hf_experts  # noqa: F401  (registers the FP8 handler of fused experts)
+from . import hf_prequantized  # noqa: F401  (and the pre-quantized one)
 from .hf_pieces import checkpoint_mapping
 
 # MoE routers stay in full precision whatever the user excludes: see ``Fp8Config.exclude``.

@@ -191,8 +191,15 @@ def reconcile(asked, layout: Fp8CheckpointConfig) -> tuple[Fp8CheckpointConfig, 
             and (asked.granularity != "block" or asked.block_size == layout.block_size))
     if same:
         return layout, None
-    checkpoint = quant_name(layout.stored)
+    differs = {"asked": _label(asked), "checkpoint": _label(layout.stored)}
     if isinstance(asked, Fp8Config) and asked.requantize:
-        return (dataclasses.replace(layout, requantize=asked),
-                {"asked": quant_name(asked), "checkpoint": checkpoint, "action": "requantize"})
-    return layout, {"asked": quant_name(asked), "checkpoint": checkpoint, "action": "keep"}
+        return dataclasses.replace(layout, requantize=asked), {**differs, "action": "requantize"}
+    return layout, {**differs, "action": "keep"}
+
+
+def _label(config) -> str | None:
+    """``quant_name``, with the tile for blocks (``fp8-block 128x128``)."""
+    name = quant_name(config)
+    if isinstance(config, Fp8Config) and config.granularity == "block":
+        return f"{name} {config.block_size[0]}x{config.block_size[1]}"
+    return name
