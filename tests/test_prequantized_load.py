@@ -285,3 +285,17 @@ def test_fused_rows_that_split_a_scale_block_are_refused(tmp_path):
         loadfsm.LoadSession(build_model(SMALL), quant=layout, device="cpu")
     assert err.value.layer == QKV
     assert err.value.tensor == "model.layers.0.self_attn.q_proj.weight_scale_inv"  # rows 0:256
+
+
+def test_a_nan_code_in_an_fp8_weight_is_named(tmp_path):
+    """FP8 codes are checked by their bits (no FP8 norm kernel): a NaN code (0x7F) in a
+    weight raises NonFiniteWeightError naming that weight, before its layer installs."""
+    weight = "model.layers.0.self_attn.v_proj.weight"
+    q = quantize_state(reference_state_dict(SMALL), "compressed-tensors")[weight].clone()
+    q.view(torch.uint8)[5, 7] = 0x7F
+    path, _ = _fp8_checkpoint(tmp_path, "compressed-tensors", **{weight: q})
+    model = build_model(SMALL)
+    with pytest.raises(loadfsm.NonFiniteWeightError) as err:
+        loadfsm.load(model, path, quant="fp8-channel", device="cpu")
+    assert (err.value.tensor, err.value.layer) == (weight, QKV)
+    assert model.get_submodule(QKV).weight.is_meta
