@@ -94,13 +94,18 @@ def _engine(config, *, commit_bytes=None, trace=True, device="cpu"):
     return model, loadfsm.WeightSync(model, trace=trace, **kwargs)
 
 
-def _start(config, tmp, steps, tail=None, device="cpu"):
-    """The trainer in a process of its own; its connection's other end."""
+def _start(config, tmp, steps, tail=None, device="cpu", keep_their_end=False):
+    """The trainer in a process of its own; its connection's other end. With
+    ``keep_their_end``, this process keeps a copy of the trainer's end open, so the
+    trainer's death does not close the connection: only its pid tells."""
     ours, theirs = CTX.Pipe()
     process = CTX.Process(target=_trainer, args=(theirs, config, str(tmp), steps, tail,
                                                  device))
     process.start()
-    theirs.close()          # the trainer's death then closes the connection
+    if keep_their_end:
+        process.their_end = theirs          # kept open as long as the process object
+    else:
+        theirs.close()      # the trainer's death then closes the connection
     return process, ours
 
 
@@ -239,11 +244,12 @@ def _check_died_mid_push(model, sync, logs, caught, old, new_step, tmp):
     assert sync.version == new_step - 1
 
 
-def test_killed_trainer_leaves_uncommitted_layers_old(tmp_path):
+@pytest.mark.parametrize("keep_their_end", [False, True], ids=["connection-closed", "pid-gone"])
+def test_killed_trainer_leaves_uncommitted_layers_old(tmp_path, keep_their_end):
     """A trainer killed mid-push: layers it had committed are new, the rest wholly old; the
     engine raises SenderDiedError, then takes a new trainer's push."""
     model, sync = _engine(SMALL, commit_bytes=1)     # each layer commits once verified
-    process, conn = _start(SMALL, tmp_path, 1, tail="die")
+    process, conn = _start(SMALL, tmp_path, 1, tail="die", keep_their_end=keep_their_end)
     receiver = ColocatedReceiver(sync, conn)
     try:
         receiver.receive()
@@ -251,6 +257,7 @@ def test_killed_trainer_leaves_uncommitted_layers_old(tmp_path):
         with capture_logs() as logs, pytest.raises(SenderDiedError) as caught:
             receiver.receive()
         assert 0 < len(caught.value.committed) < len(sync.layer_versions)
+        assert "is gone" in str(caught.value) or not keep_their_end
         _check_died_mid_push(model, sync, logs, caught, old, 1, tmp_path)
     finally:
         receiver.close()

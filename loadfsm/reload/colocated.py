@@ -7,14 +7,16 @@ runs the same code), shares each once, and per push sends only small messages ov
 ``multiprocessing`` connection (a ``Pipe()`` end, or ``Listener``/``Client`` on an
 ``AF_UNIX`` address for processes that are not parent and child, such as Ray actors):
 
-- **C1** ``hello`` once: the trainer's pid, for the engine's liveness check.
+- **C1** ``hello`` once: the trainer's pid (and pid namespace), for the engine's
+  liveness check.
 - **C2** ``begin``: a push starts, with its ``weight_version``.
 - **C3** ``share``, once per bucket (again only when a bucket must grow): its handle;
   the engine opens it and keeps it across pushes.
 - **C4** ``bucket``: which bucket, and each tensor's name, shape, dtype and 64-byte
   aligned offset in it. The engine pushes views of the bucket straight into its
   ``WeightSync`` (R1..R4), then answers ``ack``: the trainer refills a bucket only once
-  the engine has finished reading it.
+  the engine has finished reading it. A bucket is read only while its trainer runs
+  (memory a dead process exported over CUDA IPC is not to be touched).
 - **C5** ``end``, or ``abort`` when the trainer's iterator raised.
 
 The engine never waits forever: a trainer process that is gone (closed connection, or a
@@ -94,6 +96,13 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _sync(device: torch.device) -> None:
     """Reads or writes of a bucket queued on ``device`` are done."""
     if device.type == "cuda":
@@ -127,7 +136,8 @@ class ColocatedSender:
         self._buckets: list[_Bucket | None] = [None] * buckets
         self._busy: set[int] = set()          # buckets the engine has not acknowledged
         self._next = 0
-        self.conn.send({"kind": "hello", "pid": os.getpid()})                        # C1
+        self.conn.send({"kind": "hello", "pid": os.getpid(),                         # C1
+                        "pid_namespace": _pid_namespace()})
 
     @torch.no_grad()
     def __call__(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *,
@@ -299,6 +309,7 @@ class ColocatedReceiver:
             if kind == "share":
                 self._open(message)
                 continue
+            self._check_alive()
             bucket = self.buckets[message["index"]].tensor
             for name, shape, dtype, offset in message["tensors"]:
                 n = math.prod(shape) * dtype.itemsize
@@ -335,9 +346,7 @@ class ColocatedReceiver:
         while True:
             start = time.monotonic()
             while not self.conn.poll(_POLL_S):
-                if self._pid is not None and not _alive(self._pid):
-                    raise SenderDiedError(f"the trainer process (pid {self._pid}) is gone",
-                                          committed=[])
+                self._check_alive()
                 if timeout is not None and time.monotonic() - start >= timeout:
                     raise SenderDiedError(f"no message from the trainer for {timeout} s "
                                           "in the middle of a push", committed=[])
@@ -347,12 +356,21 @@ class ColocatedReceiver:
                 raise SenderDiedError(f"the trainer closed its connection ({exc!r})",
                                       committed=[]) from exc
             if message["kind"] == "hello":
-                self._pid = message["pid"]
+                # Another pid namespace (another container): the pid means nothing here;
+                # the closed connection and the timeout still tell.
+                ours = _pid_namespace()
+                visible = ours is not None and message["pid_namespace"] == ours
+                self._pid = message["pid"] if visible else None
                 continue
             if message["kind"] not in expect:
                 raise SenderDiedError(f"protocol out of step: got {message['kind']!r}, "
                                       f"expected one of {expect}", committed=[])
             return message
+
+    def _check_alive(self) -> None:
+        if self._pid is not None and not _alive(self._pid):
+            raise SenderDiedError(f"the trainer process (pid {self._pid}) is gone",
+                                  committed=[])
 
     def close(self) -> None:
         """Unmap the shared buckets."""
