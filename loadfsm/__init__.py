@@ -21,6 +21,7 @@ from .quant.fp8_layout import Fp8CheckpointConfig
 from .quant.push_fp8 import quantize_for_push
 from .reload.colocated import (ColocatedReceiver, ColocatedSender, ReceiverDiedError,
                                SenderDiedError)
+from .reload.delta import DeltaPush, DeltaReport
 from .reload.transport import WeightReceiver, WeightSender
 from .report import LoadReport
 from .session import LoadSession
@@ -39,3 +40,4 @@ __all__ += ["ColocatedSender", "ColocatedReceiver", "SenderDiedError", "Receiver
 __all__ += ["UnsafeCheckpointPathError", "CheckpointChangedError", "TraceOverwritesInputError",
             "BadWeightItemError", "UnsupportedDeviceError"]
 __all__ += ["Fp8CheckpointConfig", "quantize_for_push", "InvalidScaleError"]
+__all__ += ["DeltaPush", "DeltaReport"]
