@@ -14,7 +14,9 @@ import torch
 
 from .quant.config import quant_name
 from .ledger import nbytes
+from .loading.prequantized import checkpoint_quant
 from .session import LoadSession
+from .sources.checkpoint_config import quantization_config
 from .sources.safetensors_dir import SafetensorsSource
 
 
@@ -91,12 +93,15 @@ def _final_bytes(rec, config) -> int:
 def _session(path, model, hf, quant, entries) -> tuple[LoadSession, dict]:
     """The session ``load`` (or ``hf.from_pretrained``, steps H1, H2) would run, on meta,
     and the header entries it would see."""
+    config = quantization_config(path)         # a checkpoint already in FP8 loads as it is
     if not hf:
         from .testing import build_model
+        quant, _ = checkpoint_quant(quant, entries, config)
         return LoadSession(build_model(model), quant=quant, device="meta",
                            strict=False), entries
     from .integrations.hf import build_meta_model, hf_quant, plan_session
-    session, ignored = plan_session(build_meta_model(path), entries, hf_quant(quant),
+    quant, _ = checkpoint_quant(hf_quant(quant), entries, config)
+    session, ignored = plan_session(build_meta_model(path), entries, quant,
                                     device="meta", strict=False)
     return session, {n: e for n, e in entries.items() if n not in ignored}
 

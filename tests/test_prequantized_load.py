@@ -299,3 +299,15 @@ def test_a_nan_code_in_an_fp8_weight_is_named(tmp_path):
         loadfsm.load(model, path, quant="fp8-channel", device="cpu")
     assert (err.value.tensor, err.value.layer) == (weight, QKV)
     assert model.get_submodule(QKV).weight.is_meta
+
+
+def test_the_dry_run_plans_a_prequantized_checkpoint_as_the_load_runs_it(tmp_path):
+    """``loadfsm plan`` reads the layout too: FP8 layers, bytes to read and final bytes
+    are those of the real load."""
+    from loadfsm.plan_cli import plan_checkpoint
+    path, _ = _fp8_checkpoint(tmp_path, "deepseek")
+    plan = plan_checkpoint(path, model=SMALL, quant="fp8-block")
+    report = loadfsm.load(build_model(SMALL), path, quant="fp8-block", device="cpu")
+    assert plan.quant == report.quant == "fp8-block-prequantized" and not plan.missing
+    assert (plan.bytes_to_read, plan.final_bytes) == (report.bytes_read, report.final_bytes)
+    assert {layer.handler for layer in plan.layers} >= {"PrequantizedLinearHandler"}

@@ -217,8 +217,9 @@ def _piece_rows(rec, attr: str, scale_attr: str) -> list[slice]:
 
 def _check_positive(rec, scale_attr: str, scale: torch.Tensor) -> None:
     """A zero or negative scale makes its weight unusable: name the piece that holds one.
-    NaN and Inf are the finiteness batch's (every arrival is checked there)."""
-    if not bool((scale <= 0).any()):
+    NaN and Inf are the finiteness batch's (every arrival is checked there). A dry run
+    (``meta`` staging) has no values to check."""
+    if scale.is_meta or not bool((scale <= 0).any()):
         return
     for piece in _scale_pieces(rec, scale_attr):
         if bool((scale[piece.region] <= 0).any()):
