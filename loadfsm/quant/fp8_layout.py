@@ -133,7 +133,8 @@ def detect_fp8_checkpoint(entries: dict[str, TensorEntry], quantization_config: 
                                           for s in SCALE_NAMES)}
     if not scaled:
         return None
-    first = min(scaled)
+    # The tallest weight tells the layouts apart (one row fits per-channel and per-block).
+    first = max(scaled, key=lambda name: (fp8[name].shape[-2], name))
     scale_name = next(s for s in SCALE_NAMES if first[:-len("weight")] + s in entries)
     scale = entries[first[:-len("weight")] + scale_name]
     block = _block_size(quantization_config) or block_hint
