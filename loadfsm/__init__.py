@@ -19,8 +19,8 @@ from .integrations.engine import ShardWriteError, UnknownShardError
 from .quant.config import Fp8Config, Int8Config
 from .quant.fp8_layout import Fp8CheckpointConfig
 from .quant.push_fp8 import quantize_for_push
-from .reload.colocated import (ColocatedReceiver, ColocatedSender, ReceiverDiedError,
-                               SenderDiedError)
+from .reload.colocated import ColocatedSender, ReceiverDiedError, SenderDiedError
+from .reload.colocated_receiver import ColocatedReceiver
 from .reload.delta import DeltaPush, DeltaReport
 from .reload.transport import WeightReceiver, WeightSender
 from .report import LoadReport

@@ -12,8 +12,8 @@ from structlog.testing import capture_logs
 
 import loadfsm
 from loadfsm.reload.checksum import expected_checksums, layer_checksums
-from loadfsm.reload.colocated import (ColocatedReceiver, ColocatedSender, ReceiverDiedError,
-                                       SenderDiedError)
+from loadfsm.reload.colocated import ColocatedSender, ReceiverDiedError, SenderDiedError
+from loadfsm.reload.colocated_receiver import ColocatedReceiver
 from loadfsm.reload.routes import checkpoint_tensors
 from loadfsm.reload.transport import SenderAbortedError
 from loadfsm.testing import build_model, load_reference_model, reference_state_dict
