@@ -11,8 +11,8 @@ tensor in checkpoint order, ``layers x experts x 3`` names (64,512 by default), 
   push_s       ``WeightSync.push`` of those tensors (R1..R4)
   floor_s      the same kernel work in a tight loop, with no loadfsm code: per layer, one
                ``copy_`` per tensor into a view of a staging pair (views made outside the
-               clock, the pair reused by every layer), one float64 row sum per staging
-               tensor (the cheapest exact NaN/Inf check, the one the push runs),
+               clock, the pair reused by every layer), one row max|x| per staging
+               tensor from ``aminmax`` (the exact NaN/Inf check the push runs),
                ``quantize_fp8`` of each stacked weight with the engine's config, and the
                ``copy_`` of the results into the live tensors
   us_per_tensor  (push_s - floor_s) / tensors: the CPU bookkeeping per name (routing, the
@@ -99,7 +99,8 @@ def floor(model, config, tensors, device, quant):
             for view, tensor in zip(views, chunk):
                 view.copy_(tensor)
             for staged in (gate_up, down):
-                staged.sum(dim=-1, dtype=torch.float64).mul(0).sum()
+                low, high = torch.aminmax(staged, dim=-1)
+                torch.maximum(high, low.neg()).mul(0).sum()
             for attr, staged in (("gate_up_proj", gate_up), ("down_proj", down)):
                 q, scale = quantize_fp8(staged, quant)
                 getattr(experts, attr).data.copy_(q)
