@@ -7,15 +7,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import loadfsm
+from loadfsm import DeltaPush, Fp8Config
+from loadfsm.reload.routes import checkpoint_tensors
 from loadfsm.reload.transport import SenderAbortedError, WeightReceiver, WeightSender
 from loadfsm.reload.wire import Entry, decode_table, encode_table
-from loadfsm.testing import build_model, reference_state_dict
+from loadfsm.testing import build_model, load_reference_model, reference_state_dict
 from checks import same
 from faults import raising_after
 from tiny_models import SMALL_MOE
 
 BUCKET_BYTES = 16 << 10          # many buckets per push: the pipeline turns over
 HOSTED = "model.layers.0."       # the partial engine hosts layer 0 only
+DELTA_PARAM = "model.layers.1.self_attn.o_proj.weight"
 
 
 def _owner(name):
@@ -117,7 +120,43 @@ def _aborting(rank, out):
     out["wrong_retry"] = _compare(model, 5)
 
 
-SCENARIOS = (_multi_sender, _skipping, _aborting)
+def _trainer_weights(step):
+    """The trainer's model at ``step``: seed 6, then layer 1's attention output halved."""
+    model = load_reference_model(SMALL_MOE, seed=6)
+    if step:
+        with torch.no_grad():
+            dict(model.named_parameters())[DELTA_PARAM].mul_(0.5)
+    return model
+
+
+def _delta(rank, out):
+    """Rank 0 sends delta pushes (planned from the engine's class on meta); ranks 1 and 2
+    apply them: the first push whole, the second one layer."""
+    if rank == 0:
+        trainer, sender = _trainer_weights(0), WeightSender(bucket_bytes=BUCKET_BYTES)
+        delta = DeltaPush(Fp8Config(), build_model(SMALL_MOE))
+        sizes = []
+        for step in (0, 1):
+            if step:
+                with torch.no_grad():
+                    dict(trainer.named_parameters())[DELTA_PARAM].mul_(0.5)
+            sender(delta(trainer))
+            delta.commit()
+            sizes.append((delta.report.layers_sent, delta.report.bytes_skipped))
+        out["delta_sizes"] = sizes
+        return
+    model, receiver = _engine(src=[0])
+    for step in (0, 1):
+        receiver.receive()
+        fresh = build_model(SMALL_MOE)
+        loadfsm.load(fresh, checkpoint_tensors(_trainer_weights(step)), quant="fp8",
+                     device="cpu")
+        expected = fresh.state_dict()
+        out[f"delta_wrong{step}"] = [n for n, t in model.state_dict().items()
+                                     if not same(t, expected[n])]
+
+
+SCENARIOS = (_multi_sender, _skipping, _aborting, _delta)
 
 
 def _worker(rank, tmp):
@@ -177,6 +216,13 @@ def test_one_sender_aborting_rolls_the_engine_back(runs):
     engine = runs[2]
     assert engine["aborted"] and engine["uncommitted_changed"] == []
     assert engine["wrong_retry"] == []
+
+
+def test_delta_pushes_over_gloo(runs):
+    """Delta pushes through the transport: the second carries one layer; engines exact."""
+    (first, skipped_first), (second, skipped_second) = runs[0]["delta_sizes"]
+    assert skipped_first == 0 and second == 1 and skipped_second > 0
+    assert all(runs[r][f"delta_wrong{s}"] == [] for r in (1, 2) for s in (0, 1))
 
 
 def test_table_round_trips():

@@ -22,7 +22,8 @@ from torch import nn
 from ..quant.config import Fp8Config
 from ..quant.fp8_layout import Fp8CheckpointConfig
 from ..quant.push_fp8 import quantize_for_push
-from .routes import checkpoint_tensors
+from ..loading.session import LoadSession
+from .routes import PushRoutes, checkpoint_tensors
 from .sync import SyncReport, WeightSync
 
 
@@ -47,8 +48,10 @@ class DeltaPush:
 
     Args:
         config: the engine's ``Fp8Config``.
-        engine: the engine's ``WeightSync`` (in this process), or a function giving the
-            engine layer of a pushed name: names of one layer are sent together.
+        engine: the engine's ``WeightSync`` (in this process), the engine's model class
+            built on ``meta`` (a remote engine loaded with online FP8: its plan is made
+            here), or a function giving the engine layer of a pushed name. Names of one
+            engine layer are sent together.
         prequantized: push FP8 weights and scales (an engine loaded pre-quantized);
             else the trainer's bf16 tensors (an engine with online FP8).
         scale_name: as ``quantize_for_push``'s.
@@ -57,11 +60,13 @@ class DeltaPush:
     ``report``: the last push's ``DeltaReport``.
     """
 
-    def __init__(self, config: Fp8Config, engine: WeightSync | Callable[[str], str], *,
+    def __init__(self, config: Fp8Config,
+                 engine: WeightSync | nn.Module | Callable[[str], str], *,
                  prequantized: bool = False, scale_name: str | None = None):
         self.config, self.prequantized, self.scale_name = config, prequantized, scale_name
-        if isinstance(engine, WeightSync):
-            routes = engine._routes
+        if isinstance(engine, (WeightSync, nn.Module)):
+            routes = (engine._routes if isinstance(engine, WeightSync)
+                      else PushRoutes(LoadSession(engine, quant=config, device="cpu").plan))
             self._layer_of = lambda name: routes.resolve(name).rec.name
         else:
             self._layer_of = engine
