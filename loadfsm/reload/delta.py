@@ -151,7 +151,12 @@ def _same(kept: torch.Tensor | None, tensor: torch.Tensor) -> bool:
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().reshape(-1).view(torch.uint8)
+    """The bytes, as 8-byte words where they divide evenly: ``torch.equal`` on int64 is
+    ~7x faster than on bytes on a CPU."""
+    raw = tensor.detach().reshape(-1).view(torch.uint8)
+    if raw.numel() % 8 == 0 and raw.data_ptr() % 8 == 0:
+        return raw.view(torch.int64)
+    return raw
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
