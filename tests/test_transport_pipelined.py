@@ -79,18 +79,30 @@ def _multi_sender(rank, out):
 
 
 def _skipping(rank, out):
-    """Rank 0 sends everything; rank 1 applies all, rank 2 only what it hosts."""
+    """Rank 0 sends everything three times; rank 1 applies all, rank 2 what it hosts."""
     if rank == 0:
-        WeightSender(src=0, bucket_bytes=BUCKET_BYTES, buffers=3)(
-            reference_state_dict(SMALL_MOE, 4).items())
+        sender = WeightSender(src=0, bucket_bytes=BUCKET_BYTES, buffers=3)
+        for _ in range(3):
+            sender(reference_state_dict(SMALL_MOE, 4).items())
         return
-    hosts = None if rank == 1 else (lambda name: name.startswith(HOSTED))
-    model, receiver = _engine(hosts, src=[0])
+    asked = []
+
+    def hosts(name):
+        asked.append(name)
+        return name.startswith(HOSTED)
+
+    model, receiver = _engine(None if rank == 1 else hosts, src=[0])
     before = {n: t.clone() for n, t in model.state_dict().items()}
     report = receiver.receive()
     out["skip_wrong"] = _compare(model, 4, before, None if rank == 1 else HOSTED)
     out["skip_skipped"] = receiver.skipped
     out["skip_layers"] = report.layers_updated
+    receiver.receive()            # the ring's buffers have grown to their sizes by now
+    views = {key: id(kept[1]) for key, kept in receiver._views.items()}
+    asked_before = len(asked)
+    receiver.receive()
+    out["skip_asked"] = (asked_before, len(asked))
+    out["skip_views_kept"] = views == {key: id(kept[1]) for key, kept in receiver._views.items()}
 
 
 def _aborting(rank, out):
@@ -209,6 +221,15 @@ def test_receiver_skips_what_it_does_not_host(runs):
     assert every["skip_wrong"] == [] and partial["skip_wrong"] == []
     assert every["skip_skipped"] == 0 and partial["skip_skipped"] > 0
     assert 0 < partial["skip_layers"] < every["skip_layers"]
+
+
+def test_receiver_works_out_each_layout_once(runs):
+    """Once its buffers are sized, a push of a known layout asks ``hosts`` nothing and
+    makes no views: the receiver's per-tensor work is the apply alone."""
+    every, partial = runs[1], runs[2]
+    before, after = partial["skip_asked"]
+    assert before >= len(reference_state_dict(SMALL_MOE, 4)) and after == before
+    assert every["skip_views_kept"] and partial["skip_views_kept"]
 
 
 def test_one_sender_aborting_rolls_the_engine_back(runs):

@@ -229,7 +229,8 @@ class WeightReceiver(Peer):
             waits for (``loadfsm.watchdog``); ``None`` turns it off.
         hosts: ``hosts(name) -> bool``: whether this engine applies a tensor (an expert
             or shard it hosts); the others are received and dropped. Decided once per
-            layout, not per push. Default: every tensor.
+            layout (again for a bucket whose ring buffer grew since), not per push.
+            Default: every tensor.
         buffers: rotating receive buffers: bucket k+1 is received while bucket k is
             applied.
 
