@@ -98,6 +98,7 @@ class Peer:
     def __init__(self, group, senders: tuple[int, ...], buffers: int):
         self.group, self.senders = group, senders
         self._buffers = buffers
+        self.device: torch.device | None = None     # the ring's device; default: the group's
         self._ring: Ring | None = None
         self.tables: dict[tuple[int, int], tuple[int, list[Entry]]] = {}
         self.tables_received = 0      # tables that travelled in the last push
@@ -105,7 +106,7 @@ class Peer:
     @property
     def ring(self) -> Ring:
         if self._ring is None:
-            self._ring = Ring(self._buffers, _comm_device(self.group))
+            self._ring = Ring(self._buffers, self.device or _comm_device(self.group))
         return self._ring
 
     def _small(self, nbytes: int) -> torch.Tensor:
