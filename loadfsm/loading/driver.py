@@ -10,7 +10,7 @@ Lifecycle and memory bound: ARCHITECTURE.md.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 
@@ -18,26 +18,14 @@ from ..errors import DuplicateWeightError, UnexpectedWeightError
 from ..layer import LayerRecord
 from ..ledger import MemoryLedger, nbytes
 from ..pieces import Piece
-from ..plan import Plan, check_fits, expected_shape
+from ..plan import Plan, check_fits
 from ..profiling import layer_range
 from ..states import LayerState
 from ..trace import Tracer
 from .finiteness import FinitenessBatch, locatable
+from .landing import PieceLayout, layout_of, piece_view
 
 _PARTIAL = LayerState.PARTIAL
-
-
-class PieceLayout(NamedTuple):
-    """Where one checkpoint name lands, worked out at its first arrival and kept by the
-    driver, so later arrivals (every push) do no planning work: the slot attribute, the
-    shape and dtype that fit, and the view's ``as_strided`` arguments in a contiguous
-    staging tensor (``None``: the whole tensor, or a region strides cannot express)."""
-
-    attr: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    strided: tuple | None
-    locatable: bool
 
 
 class ArrivalDriver:
@@ -96,20 +84,12 @@ class ArrivalDriver:
             self._materialize(rec, alias=tensor if self._can_alias(rec, piece, tensor, (name,))
                               else None)
         if not rec.aliased:
-            target = rec.staging[layout.attr]
-            strided = layout.strided
-            if strided is None:
-                view = target[rec.pieces[name].region] if rec.pieces[name].region else target
-            elif target.is_contiguous():
-                view = target.as_strided(strided[0], strided[1],
-                                         target.storage_offset() + strided[2])
-            else:
-                view = target[rec.pieces[name].region]
+            view = piece_view(rec.staging[layout.attr], rec.pieces[name].region, layout)
             # non_blocking: a pinned source buffer overlaps the copy with the next read.
             view.copy_(tensor, non_blocking=True)
             if not layout.locatable:
                 FinitenessBatch.record_norm(rec, (name,), view)
-            del target, view
+            del view
         if layout.locatable:
             rec.arrived.append(name)
         rec.missing.discard(name)
@@ -127,12 +107,7 @@ class ArrivalDriver:
             self._complete(rec, "complete")
 
     def _layout(self, rec: LayerRecord, name: str) -> PieceLayout:
-        piece = rec.pieces[name]
-        attr = rec.slot_attr(piece.param)
-        slot = rec.slots[attr]
-        layout = PieceLayout(attr, tuple(expected_shape(rec, piece)), slot.dtype,
-                             _strided(tuple(slot.shape), piece.region), locatable(rec, piece))
-        self._layouts[name] = layout
+        layout = self._layouts[name] = layout_of(rec, name)
         return layout
 
     def arrive_param(self, rec: LayerRecord, param: str, tensor: torch.Tensor,
@@ -319,29 +294,3 @@ class ArrivalDriver:
                                    rec.staging_bytes + rec.final_bytes,
                                    ledger_staging=self.ledger.staging,
                                    ledger_final=self.ledger.final, **extra)
-
-
-def _strided(shape: tuple[int, ...], region: tuple) -> tuple | None:
-    """``(size, stride, offset)`` of ``region`` in a contiguous tensor of ``shape``, for
-    ``as_strided`` (one C call, where indexing with a tuple is several); ``None`` for the
-    whole tensor or an index strides do not express (a step, an out-of-range int)."""
-    if not region or len(region) > len(shape):
-        return None
-    strides = [1] * len(shape)
-    for d in range(len(shape) - 2, -1, -1):
-        strides[d] = strides[d + 1] * shape[d + 1]
-    size, stride, offset = [], [], 0
-    for d, index in enumerate(region):
-        if isinstance(index, int):
-            if not -shape[d] <= index < shape[d]:
-                return None
-            offset += (index % shape[d]) * strides[d]
-        elif isinstance(index, slice) and index.step in (None, 1):
-            start, stop, _ = index.indices(shape[d])
-            offset += start * strides[d]
-            size.append(max(stop - start, 0))
-            stride.append(strides[d])
-        else:
-            return None
-    return (tuple(size) + shape[len(region):], tuple(stride) + tuple(strides[len(region):]),
-            offset)
