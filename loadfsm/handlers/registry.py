@@ -89,6 +89,15 @@ def handler_for(name: str, module: nn.Module, config) -> Handler:
     return _FALLBACK
 
 
+def schemes_for(name: str, module: nn.Module) -> list[type]:
+    """The config types under which a registered handler would quantize ``module`` (its
+    ``makes_new_tensors``): what a load under another config leaves in full precision."""
+    return [config for config, entries in _BY_CONFIG.items() if config is not None
+            and any(e.handler.makes_new_tensors
+                    and (e.matches(name, module, True) or e.matches(name, module, False))
+                    for e in entries)]
+
+
 def installer_of(module: nn.Module) -> Handler | None:
     """The handler whose ``install`` makes ``module``'s class, nearest class first (a
     subclass of a kernel module with a handler of its own finds that one). O(depth of

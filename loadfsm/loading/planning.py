@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelStateError
-from ..handlers.registry import handler_for
+from ..handlers.registry import handler_for, schemes_for
 from ..pieces import Piece
 from ..quant.fp8_layout import Fp8CheckpointConfig
 from ..plan import Plan, TensorEntry, check_fits, plan_layers
@@ -89,6 +89,22 @@ def _check_prequantized(plan: Plan, config) -> None:
             f"({kind}) would be fed FP8 checkpoint tensors; load a bf16 checkpoint with "
             "online FP8, or register a handler for the class under Fp8CheckpointConfig",
             layer=refused[0].name)
+
+
+def left_unquantized(plan: Plan, config) -> dict[str, list[str]]:
+    """Layers ``config`` loads in full precision although another registered scheme would
+    quantize them (an engine's linears, transformers' fused experts under INT8), by the
+    schemes that would: a load says so rather than report a quantized model silently."""
+    if config is None:
+        return {}
+    left: dict[str, list[str]] = {}
+    for rec in plan.layers.values():
+        if rec.handler.makes_new_tensors or config.excludes(rec.name):
+            continue
+        schemes = schemes_for(rec.name.replace("<root>", ""), rec.module)
+        if schemes:
+            left[rec.name] = sorted(scheme.__name__ for scheme in schemes)
+    return left
 
 
 def loaded_config(model: nn.Module):

@@ -25,13 +25,13 @@ from ..ledger import MemoryLedger, nbytes
 from ..pieces import Piece
 from ..plan import TensorEntry
 from ..profiling import layer_range
-from ..quant.config import resolve_quant
+from ..quant.config import quant_name, resolve_quant
 from ..report import LoadReport, Replan
 from ..states import LayerState
 from ..trace import Tracer, failure
 from .driver import ArrivalDriver
 from .finiteness import FinitenessBatch
-from .planning import loaded_config, match_headers, plan_model
+from .planning import left_unquantized, loaded_config, match_headers, plan_model
 from .report_builder import build_report, cuda_baseline
 from .writer import ModelWriter
 
@@ -88,6 +88,11 @@ class LoadSession:
         self._cuda_base = cuda_baseline(self.device)
         for alias, canonical in self.plan.tied.items():
             self.tracer.event("tied_weight", alias=alias, canonical=canonical)
+        left = left_unquantized(self.plan, self.quant)
+        if left:
+            self.tracer.warning("layers_left_unquantized", quant=quant_name(self.quant),
+                                count=len(left), layers=list(left)[:20],
+                                quantized_by=sorted({s for v in left.values() for s in v}))
 
     @classmethod
     def for_loaded_model(cls, model: nn.Module, *, trace=None,
