@@ -16,7 +16,7 @@ from .reload.sync import SyncReport
 class WeightSync(_reload.WeightSync):
     __doc__ = _reload.WeightSync.__doc__
 
-    def push_with(self, load: Callable[[], object]) -> SyncReport:
+    def push_with(self, load: Callable[[], object], *, version=None) -> SyncReport:
         """Run an engine's own loading code as a push, in place:
         ``sync.push_with(lambda: model.load_weights(new_weights))``.
 
@@ -27,6 +27,8 @@ class WeightSync(_reload.WeightSync):
         parameter's ``weight_loader`` attribute is exactly what it was (also when
         ``load`` raises). Layers ``load`` does not reach keep their weights.
 
+        ``version`` is stamped on the layers that commit, as in ``push``.
+
         Returns:
             A ``SyncReport``; its tensor and byte counts are of loader calls.
 
@@ -34,4 +36,4 @@ class WeightSync(_reload.WeightSync):
             PushError: as ``push``: a touched layer did not receive all its pieces, or
                 ``load`` raised (the cause is chained).
         """
-        return push_with(self, load)
+        return push_with(self, load, version=version)

@@ -44,10 +44,12 @@ def test_push_with_matches_fresh_hook_load(checkpoint_dir, fresh, config, quant)
     """Load seed 0, push_with load_weights(seed 1 checkpoint): bit-identical to seed 1."""
     model, sync = _engine(config, quant)
     report = sync.push_with(lambda: model.load_weights(safetensors_weights(
-        checkpoint_dir(config, 1))))
+        checkpoint_dir(config, 1))), version="step-1")
     assert_same_tensors(model.state_dict(), fresh(config, 1, quant))
     assert report.layers_updated == len(report.committed) > 0
     assert sync.session.ledger.staging == 0
+    assert report.version == sync.version == "step-1"
+    assert {sync.layer_versions[name] for name in report.committed} == {"step-1"}
 
 
 @pytest.mark.parametrize("quant", QUANTS, ids=QUANT_IDS)

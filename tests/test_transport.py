@@ -63,13 +63,14 @@ def _engine(config, tmp, fail_at):
                     n for n, t in model.state_dict().items()
                     if n.rpartition(".")[0] not in exc.committed
                     and not same(t, previous[n])]
-        sync_report = receiver.receive()
+        sync_report = receiver.receive(version=step)
         fresh = build_model(config)
         loadfsm.load(fresh, torch.load(f"{tmp}/step{step}.pt").items(), quant="fp8",
                      device="cpu")
         expected = fresh.state_dict()
         state = model.state_dict()
         record.update(
+            version=(sync_report.version, receiver.sync.version, step),
             layers_updated=sync_report.layers_updated,
             layers=len(report.layer_states),
             mismatched=[n for n, t in state.items() if not same(t, expected[n])],
@@ -120,10 +121,13 @@ def pushes(tmp_path_factory):
 
 @pytest.mark.parametrize("scenario", ["dense", "moe"])
 def test_gloo_engine_matches_fresh_load_after_each_step(pushes, scenario):
-    """After each of three optimizer steps pushed over gloo, the engine equals a fresh load."""
+    """After each of three optimizer steps pushed over gloo, the engine equals a fresh load
+    and serves the version the receiver stamped."""
     for record in pushes[scenario]:
         assert record["mismatched"] == [] and record["changed"]
         assert record["layers_updated"] == record["layers"]
+        report_version, sync_version, step = record["version"]
+        assert report_version == sync_version == step
 
 
 @pytest.mark.parametrize("scenario", ["dense", "moe"])

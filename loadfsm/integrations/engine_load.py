@@ -63,7 +63,7 @@ class EngineLoad:
             raise
 
 
-def push_with(sync: WeightSync, load: Callable[[], object]) -> SyncReport:
+def push_with(sync: WeightSync, load: Callable[[], object], *, version=None) -> SyncReport:
     """Run an engine's own loading code as a push into ``sync``'s model, in place (see
     ``loadfsm.WeightSync.push_with``)."""
     def feed(push: ReloadTransaction) -> None:
@@ -74,7 +74,7 @@ def push_with(sync: WeightSync, load: Callable[[], object]) -> SyncReport:
         finally:
             hook.restore()
 
-    return sync.run(feed)
+    return sync.run(feed, version=version)
 
 
 register_piece_provider(uses_weight_loaders, loader_pieces)

@@ -254,8 +254,9 @@ class WeightReceiver(Peer):
         return {entry.name: src for (src, _), (_, table) in self.tables.items()
                 for entry in table}
 
-    def receive(self) -> SyncReport:
-        """Receive one push and apply it; returns the ``SyncReport``.
+    def receive(self, *, version=None) -> SyncReport:
+        """Receive one push and apply it, stamping ``version`` on the layers it commits
+        (as ``WeightSync.push``); returns the ``SyncReport``.
 
         Raises:
             PushError: as ``WeightSync.push``; the rest of the push is still received
@@ -264,7 +265,7 @@ class WeightReceiver(Peer):
         arrivals = self.arrivals()
         try:
             with Watchdog(self.sync.session, self.stall_warning_s, "push"):
-                return self.sync.push(arrivals)
+                return self.sync.push(arrivals, version=version)
         except PushError:
             collections.deque(arrivals, maxlen=0)   # drain: stay in step with the senders
             raise
