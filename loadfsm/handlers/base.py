@@ -77,3 +77,32 @@ class Handler:
         """The tensors the forward pass (and captured CUDA graphs) read; a reload's
         results are copied into these, attribute by attribute."""
         return {attr: getattr(rec.module, attr) for attr in rec.slots}
+
+
+class WeightQuantizer(Handler):
+    """Quantizes the layer's ``weight_attrs`` with ``quantize_weight`` (each weight gets a
+    ``{attr}_scale`` beside it); every other tensor (bias) passes as it is. A scheme that
+    quantizes weights one by one subclasses this and says how."""
+
+    makes_new_tensors = True
+    weights: ClassVar[tuple[str, ...]] = ()
+
+    def weight_attrs(self, rec) -> tuple[str, ...]:
+        return self.weights
+
+    def quantize_weight(self, tensor: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(quantized, scale)`` of one full-precision weight."""
+        raise NotImplementedError
+
+    def quantize(self, rec, config) -> dict[str, torch.Tensor]:
+        quantized = self.weight_attrs(rec)
+        results = {}
+        for attr, tensor in rec.staging.items():
+            if attr in quantized:
+                results[attr], results[f"{attr}_scale"] = self.quantize_weight(tensor, config)
+            else:
+                results[attr] = tensor
+        return results
+
+    def live_tensors(self, rec) -> dict[str, torch.Tensor]:
+        return dict(rec.module.named_parameters(recurse=False))

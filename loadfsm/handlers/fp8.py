@@ -10,38 +10,21 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
 from torch import nn
 
 from ..quant.config import Fp8Config
 from ..quant.experts import StackedExperts
 from ..quant.fp8 import quantize_fp8
 from ..quant.linear import Fp8Linear, Fp8StackedExperts
-from .base import Handler, Install
+from .base import Install, WeightQuantizer
 from .registry import register_handler
 
 
-class Fp8Handler(Handler):
+class Fp8Handler(WeightQuantizer):
     """Quantizes the layer's ``weight_attrs`` to FP8; every other tensor (bias) passes."""
 
-    makes_new_tensors = True
-    weights: ClassVar[tuple[str, ...]] = ()
-
-    def weight_attrs(self, rec) -> tuple[str, ...]:
-        return self.weights
-
-    def quantize(self, rec, config) -> dict[str, torch.Tensor]:
-        quantized = self.weight_attrs(rec)
-        results = {}
-        for attr, tensor in rec.staging.items():
-            if attr in quantized:
-                results[attr], results[f"{attr}_scale"] = quantize_fp8(tensor, config)
-            else:
-                results[attr] = tensor
-        return results
-
-    def live_tensors(self, rec) -> dict[str, torch.Tensor]:
-        return dict(rec.module.named_parameters(recurse=False))
+    def quantize_weight(self, tensor, config):
+        return quantize_fp8(tensor, config)
 
 
 class Fp8LinearHandler(Fp8Handler):

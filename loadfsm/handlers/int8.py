@@ -9,36 +9,21 @@ re-planning a loaded model finds this handler again through ``installs``.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
-import torch
 from torch import nn
 
 from ..quant.config import Int8Config
 from ..quant.experts import StackedExperts
 from ..quant.int8 import quantize_int8
 from ..quant.int8_linear import Int8Linear, Int8StackedExperts
-from .base import Handler, Install
+from .base import Install, WeightQuantizer
 from .registry import register_handler
 
 
-class Int8Handler(Handler):
+class Int8Handler(WeightQuantizer):
     """Quantizes the layer's ``weights`` to int8; every other tensor (bias) passes."""
 
-    makes_new_tensors = True
-    weights: ClassVar[tuple[str, ...]] = ()
-
-    def quantize(self, rec, config) -> dict[str, torch.Tensor]:
-        results = {}
-        for attr, tensor in rec.staging.items():
-            if attr in self.weights:
-                results[attr], results[f"{attr}_scale"] = quantize_int8(tensor)
-            else:
-                results[attr] = tensor
-        return results
-
-    def live_tensors(self, rec) -> dict[str, torch.Tensor]:
-        return dict(rec.module.named_parameters(recurse=False))
+    def quantize_weight(self, tensor, config):
+        return quantize_int8(tensor)
 
 
 class Int8LinearHandler(Int8Handler):
