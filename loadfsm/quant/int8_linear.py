@@ -14,9 +14,10 @@ from torch import nn
 from loadfsm.quant.config import Int8Config
 from loadfsm.quant.experts import StackedExperts
 from loadfsm.quant.int8 import int8_matmul, int8_scale_shape
+from loadfsm.quant.quantized_linear import QuantizedLinear
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(QuantizedLinear):
     """A linear layer whose weight is int8 (``[out_features, in_features]``).
 
     Parameters (all ``requires_grad=False``): ``weight`` int8, ``weight_scale``
@@ -50,22 +51,7 @@ class Int8Linear(nn.Module):
 
     def _install(self, q, scale, bias, config):
         _check_quantized("weight", q, scale, dims=2)
-        if bias is not None and bias.shape != q.shape[:1]:
-            raise ValueError(f"bias must have shape {tuple(q.shape[:1])}, "
-                             f"got {tuple(bias.shape)}")
-        self.out_features, self.in_features = q.shape
-        self.config, self.out_dtype = config, scale.dtype
-        self.weight = nn.Parameter(q, requires_grad=False)
-        self.weight_scale = nn.Parameter(scale, requires_grad=False)
-        self.register_parameter(
-            "bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
-
-    def full_precision_slots(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
-        """What a checkpoint (or a weight push) feeds this layer: its weight and bias."""
-        slots = {"weight": (self.weight.shape, self.out_dtype)}
-        if self.bias is not None:
-            slots["bias"] = (self.bias.shape, self.bias.dtype)
-        return slots
+        self._set_tensors(q, scale, bias, config, scale.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in_features] -> [..., out_features]

@@ -15,6 +15,7 @@ from torch import nn
 
 from loadfsm.quant.config import Fp8Config
 from loadfsm.quant.experts import StackedExperts
+from loadfsm.quant.quantized_linear import QuantizedLinear
 from loadfsm.quant.fp8 import (FP8_DTYPE, _quantize_with_inv, _scale_from_amax,
                                dequantize_fp8, fp8_scale_shape, quantize_fp8)
 
@@ -46,7 +47,7 @@ def fp8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     return out.reshape(*x.shape[:-1], n)
 
 
-class Fp8Linear(nn.Module):
+class Fp8Linear(QuantizedLinear):
     """A linear layer whose weight is FP8 (``[out_features, in_features]``).
 
     Parameters (all ``requires_grad=False``): ``weight`` float8_e4m3fn, ``weight_scale``
@@ -79,22 +80,7 @@ class Fp8Linear(nn.Module):
 
     def _install(self, q, scale, bias, config, out_dtype):
         _check_quantized("weight", q, scale, config, dims=2)
-        if bias is not None and bias.shape != q.shape[:1]:
-            raise ValueError(f"bias must have shape {tuple(q.shape[:1])}, "
-                             f"got {tuple(bias.shape)}")
-        self.out_features, self.in_features = q.shape
-        self.config, self.out_dtype = config, out_dtype
-        self.weight = nn.Parameter(q, requires_grad=False)
-        self.weight_scale = nn.Parameter(scale, requires_grad=False)
-        self.register_parameter(
-            "bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
-
-    def full_precision_slots(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
-        """What a checkpoint (or a weight push) feeds this layer: its bf16 weight and bias."""
-        slots = {"weight": (self.weight.shape, self.out_dtype)}
-        if self.bias is not None:
-            slots["bias"] = (self.bias.shape, self.bias.dtype)
-        return slots
+        self._set_tensors(q, scale, bias, config, out_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in_features] -> [..., out_features]

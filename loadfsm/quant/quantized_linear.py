@@ -1,0 +1,31 @@
+"""What every quantized linear module shares: its tensors, and what feeds it on a push."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer whose weight is stored quantized (``weight`` with ``weight_scale``)
+    and computed in ``out_dtype``. A weight push re-plans it from
+    ``full_precision_slots``: the full-precision weight and bias it was made from."""
+
+    def _set_tensors(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                     config, out_dtype: torch.dtype) -> None:
+        if bias is not None and bias.shape != q.shape[:1]:
+            raise ValueError(f"bias must have shape {tuple(q.shape[:1])}, "
+                             f"got {tuple(bias.shape)}")
+        self.out_features, self.in_features = q.shape
+        self.config, self.out_dtype = config, out_dtype
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.weight_scale = nn.Parameter(scale, requires_grad=False)
+        self.register_parameter(
+            "bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
+
+    def full_precision_slots(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        """What a checkpoint (or a weight push) feeds this layer: its weight and bias."""
+        slots = {"weight": (self.weight.shape, self.out_dtype)}
+        if self.bias is not None:
+            slots["bias"] = (self.bias.shape, self.bias.dtype)
+        return slots
