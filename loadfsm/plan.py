@@ -51,6 +51,13 @@ class Plan:
         return rec
 
 
+def is_kernel_module(module: nn.Module) -> bool:
+    """Whether ``module`` says which full-precision slots feed it (``full_precision_slots``:
+    a quantized module loadfsm installed). Asked of the class: an instance lookup of a
+    missing name goes through ``nn.Module.__getattr__``, slow on 100k-layer plans."""
+    return callable(getattr(type(module), "full_precision_slots", None))
+
+
 def _loadable(module: nn.Module):
     """What a checkpoint can feed: ``(attr, tensor, shape, dtype, is_buffer)``.
 
@@ -58,9 +65,8 @@ def _loadable(module: nn.Module):
     through ``full_precision_slots()``: an FP8 module that loadfsm installed is fed
     the bf16 weights its FP8 tensors are made from (a weight push re-plans this way).
     """
-    slots = getattr(module, "full_precision_slots", None)
-    if callable(slots):
-        for attr, (shape, dtype) in slots().items():
+    if is_kernel_module(module):
+        for attr, (shape, dtype) in module.full_precision_slots().items():
             yield attr, getattr(module, attr), torch.Size(shape), dtype, False
         return
     for attr, param in module._parameters.items():
@@ -91,7 +97,11 @@ def plan_layers(model: nn.Module, choose: Callable[[str, nn.Module], Any],
     first_name: dict[int, TensorSlot] = {}
     tied: dict[str, str] = {}
     layers: dict[str, LayerRecord] = {}
+    by_module: dict[int, LayerRecord] = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):
+        seen = by_module.get(id(module))
+        if seen is not None:            # a module shared by two parents: both names
+            seen.names.append(mod_name)
         loadable = list(_loadable(module))
         if not loadable:
             continue
@@ -119,7 +129,10 @@ def plan_layers(model: nn.Module, choose: Callable[[str, nn.Module], Any],
             slots[attr] = slot
         if slots:
             name = mod_name or "<root>"
-            layers[name] = LayerRecord(name, module, handler, slots)
+            rec = layers[name] = by_module[id(module)] = LayerRecord(name, module, handler,
+                                                                     slots)
+            if mod_name:
+                rec.names.append(mod_name)
 
     slot_owner = {slot.full_name: (rec, slot) for rec in layers.values()
                   for slot in rec.slots.values()}

@@ -15,6 +15,8 @@ from ..quant.kv_cache import DEFAULT_KV_SCALE, KV_SCALE_NAMES
 from .base import Handler
 from .registry import register_handler
 
+_SCALES = frozenset(KV_SCALE_NAMES)
+
 
 class KvScalesHandler(Handler):
     """Loads kv-cache scales, defaulting absent ones to ``DEFAULT_KV_SCALE``."""
@@ -28,11 +30,20 @@ class KvScalesHandler(Handler):
 
 
 def holds_only_kv_scales(name: str, module: nn.Module) -> bool:
-    """Modules whose loadable tensors are all kv-cache scales."""
-    own = [attr for attr, p in module._parameters.items() if p is not None]
-    own += [attr for attr, b in module._buffers.items()
-            if b is not None and attr not in module._non_persistent_buffers_set]
-    return bool(own) and all(attr in KV_SCALE_NAMES for attr in own)
+    """Modules whose loadable tensors are all kv-cache scales. Asked of every module a
+    plan meets: the first tensor that is not a scale answers (100k-layer plans)."""
+    found = False
+    for attr, param in module._parameters.items():
+        if param is not None:
+            if attr not in _SCALES:
+                return False
+            found = True
+    for attr, buf in module._buffers.items():
+        if buf is not None and attr not in module._non_persistent_buffers_set:
+            if attr not in _SCALES:
+                return False
+            found = True
+    return found
 
 
 register_handler(KvScalesHandler(), when=holds_only_kv_scales)

@@ -19,7 +19,7 @@ from ..errors import ModelStateError
 from ..handlers.registry import handler_for, schemes_for
 from ..pieces import Piece
 from ..quant.fp8_layout import Fp8CheckpointConfig
-from ..plan import Plan, TensorEntry, check_fits, plan_layers
+from ..plan import Plan, TensorEntry, check_fits, is_kernel_module, plan_layers
 from ..trace import Tracer
 
 # (applies to model, pieces of model): the first provider that applies plans the pieces
@@ -48,11 +48,6 @@ def plan_model(model: nn.Module, config, pieces: Iterable[Piece] | None) -> Plan
                        default_pieces(model) if pieces is None else pieces, config)
     _check_replannable(plan, config)
     _check_prequantized(plan, config)
-    by_module = {id(rec.module): rec for rec in plan.layers.values()}
-    for name, module in model.named_modules(remove_duplicate=False):
-        rec = by_module.get(id(module))      # a module shared by two parents: both names
-        if rec is not None and name:
-            rec.names.append(name)
     return plan
 
 
@@ -61,7 +56,7 @@ def _check_replannable(plan: Plan, config) -> None:
     handler that would load those tensors as they are would end up holding bf16 weights
     beside stale scales: refuse (a model loaded with FP8 or INT8, loaded again without)."""
     stale = [rec.name for rec in plan.layers.values()
-             if callable(getattr(rec.module, "full_precision_slots", None))
+             if is_kernel_module(rec.module)
              and (config is None or not rec.handler.makes_new_tensors)]
     if stale:
         kind = type(plan.layers[stale[0]].module).__name__
@@ -115,13 +110,13 @@ def loaded_config(model: nn.Module):
             quantized (1-byte: FP8, int8, packed int4) parameters in modules that do not
             say what feeds them.
     """
-    configs = {m.config for m in model.modules() if hasattr(m, "full_precision_slots")}
+    configs = {m.config for m in model.modules() if is_kernel_module(m)}
     if len(configs) > 1:
         raise ValueError(f"model mixes quant configs {configs}; cannot re-plan it")
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         raise ValueError("model still has tensors on meta; load it first")
     opaque = [name for name, module in model.named_modules()
-              if not hasattr(module, "full_precision_slots")
+              if not is_kernel_module(module)
               and any(p.dtype.itemsize == 1 and p.dtype != torch.bool
                       for p in module.parameters(recurse=False))]
     if opaque:
