@@ -11,6 +11,7 @@ finiteness batch verifies every piece). Lifecycle: ARCHITECTURE.md.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -79,7 +80,7 @@ class Handler:
         return {attr: getattr(rec.module, attr) for attr in rec.slots}
 
 
-class WeightQuantizer(Handler):
+class WeightQuantizer(Handler, abc.ABC):
     """Quantizes the layer's ``weight_attrs`` with ``quantize_weight`` (each weight gets a
     ``{attr}_scale`` beside it); every other tensor (bias) passes as it is. A scheme that
     quantizes weights one by one subclasses this and says how."""
@@ -90,9 +91,9 @@ class WeightQuantizer(Handler):
     def weight_attrs(self, rec) -> tuple[str, ...]:
         return self.weights
 
+    @abc.abstractmethod
     def quantize_weight(self, tensor: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor]:
         """``(quantized, scale)`` of one full-precision weight."""
-        raise NotImplementedError
 
     def quantize(self, rec, config) -> dict[str, torch.Tensor]:
         quantized = self.weight_attrs(rec)

@@ -16,6 +16,7 @@ import math
 import torch
 
 from loadfsm.quant.config import Fp8Config
+from loadfsm.quant.outputs import check_quantize_outputs
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -212,14 +213,6 @@ def _segments(n: int, block: int) -> list[tuple[int, int, int]]:
 
 
 def _check_outputs(w, q_out, scale_out, config):
-    expected = fp8_scale_shape(w.shape, config)
-    if not w.is_floating_point():
-        raise ValueError(f"cannot quantize a {w.dtype} tensor to fp8")
-    if q_out.shape != w.shape or q_out.dtype != FP8_DTYPE:
-        raise ValueError(f"q_out must be {FP8_DTYPE} of shape {tuple(w.shape)}, "
-                         f"got {q_out.dtype} {tuple(q_out.shape)}")
-    if scale_out.shape != expected or scale_out.dtype != torch.float32:
-        raise ValueError(f"scale_out must be float32 of shape {tuple(expected)}, "
-                         f"got {scale_out.dtype} {tuple(scale_out.shape)}")
-    if q_out.device != w.device or scale_out.device != w.device:
-        raise ValueError(f"q_out and scale_out must be on {w.device}")
+    check_quantize_outputs(w, q_out, scale_out, scheme="fp8", q_dtype=FP8_DTYPE,
+                           scale_shape=fp8_scale_shape(w.shape, config),
+                           scale_dtype=torch.float32)

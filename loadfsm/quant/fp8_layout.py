@@ -18,8 +18,6 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-import torch
-
 from loadfsm.errors import ShapeMismatchError
 from loadfsm.plan import TensorEntry
 from loadfsm.quant.config import GRANULARITIES, Fp8Config, quant_name

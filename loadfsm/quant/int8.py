@@ -18,6 +18,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .outputs import check_quantize_outputs
+
 INT8_MAX = 127.0
 # Upper bound on the float32 temporary of one quantization chunk.
 _CHUNK_BYTES = 64 << 20
@@ -69,17 +71,8 @@ def quantize_int8_into(w: torch.Tensor, q_out: torch.Tensor, scale_out: torch.Te
         ValueError: if ``w`` is not floating point, or the outputs do not have the
             shape, dtype and device ``w`` needs.
     """
-    expected = int8_scale_shape(w.shape)
-    if not w.is_floating_point():
-        raise ValueError(f"cannot quantize a {w.dtype} tensor to int8")
-    if q_out.shape != w.shape or q_out.dtype != torch.int8:
-        raise ValueError(f"q_out must be int8 of shape {tuple(w.shape)}, "
-                         f"got {q_out.dtype} {tuple(q_out.shape)}")
-    if scale_out.shape != expected or scale_out.dtype != w.dtype:
-        raise ValueError(f"scale_out must be {w.dtype} of shape {tuple(expected)}, "
-                         f"got {scale_out.dtype} {tuple(scale_out.shape)}")
-    if q_out.device != w.device or scale_out.device != w.device:
-        raise ValueError(f"q_out and scale_out must be on {w.device}")
+    check_quantize_outputs(w, q_out, scale_out, scheme="int8", q_dtype=torch.int8,
+                           scale_shape=int8_scale_shape(w.shape), scale_dtype=w.dtype)
     scale_out.copy_(int8_scales(w))
     n, k = w.shape[-2:]
     rows = max(1, _CHUNK_BYTES // (4 * k))

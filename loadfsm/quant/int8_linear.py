@@ -12,9 +12,8 @@ import torch
 from torch import nn
 
 from loadfsm.quant.config import Int8Config
-from loadfsm.quant.experts import StackedExperts
 from loadfsm.quant.int8 import int8_matmul, int8_scale_shape
-from loadfsm.quant.quantized_linear import QuantizedLinear
+from loadfsm.quant.quantized_linear import QuantizedLinear, QuantizedStackedExperts
 
 
 class Int8Linear(QuantizedLinear):
@@ -62,7 +61,7 @@ class Int8Linear(QuantizedLinear):
                 f"bias={self.bias is not None}, int8 per-channel")
 
 
-class Int8StackedExperts(StackedExperts):
+class Int8StackedExperts(QuantizedStackedExperts):
     """``StackedExperts`` with int8 ``gate_up_proj`` / ``down_proj`` and per-row scales
     ``[E, N, 1]`` (``gate_up_proj_scale``, ``down_proj_scale``) in the output dtype."""
 
@@ -95,23 +94,11 @@ class Int8StackedExperts(StackedExperts):
     def _install(self, gate_up, gate_up_scale, down, down_scale, config):
         _check_quantized("gate_up_proj", gate_up, gate_up_scale, dims=3)
         _check_quantized("down_proj", down, down_scale, dims=3)
-        num_experts, two_intermediate, hidden = gate_up.shape
-        if (down.shape != (num_experts, hidden, two_intermediate // 2) or two_intermediate % 2
-                or down_scale.dtype != gate_up_scale.dtype):
-            raise ValueError(f"gate_up_proj {tuple(gate_up.shape)} and down_proj "
-                             f"{tuple(down.shape)} do not describe the same experts")
-        self.num_experts, self.hidden, self.intermediate = (num_experts, hidden,
-                                                            two_intermediate // 2)
-        self.config, self.out_dtype = config, gate_up_scale.dtype
-        self.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
-        self.gate_up_proj_scale = nn.Parameter(gate_up_scale, requires_grad=False)
-        self.down_proj = nn.Parameter(down, requires_grad=False)
-        self.down_proj_scale = nn.Parameter(down_scale, requires_grad=False)
-
-    def full_precision_slots(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
-        """What a checkpoint (or a weight push) feeds this layer: the stacked weights."""
-        return {name: (getattr(self, name).shape, self.out_dtype)
-                for name in ("gate_up_proj", "down_proj")}
+        if down_scale.dtype != gate_up_scale.dtype:
+            raise ValueError(f"gate_up_proj_scale {gate_up_scale.dtype} and down_proj_scale "
+                             f"{down_scale.dtype} differ")
+        self._set_tensors(gate_up, gate_up_scale, down, down_scale, config,
+                          gate_up_scale.dtype)
 
     def expert_linear(self, x: torch.Tensor, which: str, expert: int) -> torch.Tensor:
         """``x @ W[expert].T`` in INT8 for ``which`` in {"gate_up_proj", "down_proj"}."""

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loadfsm.quant.config import Fp8Config
-from loadfsm.quant.experts import StackedExperts
-from loadfsm.quant.quantized_linear import QuantizedLinear
+from loadfsm.quant.quantized_linear import QuantizedLinear, QuantizedStackedExperts
 from loadfsm.quant.fp8 import (FP8_DTYPE, _quantize_with_inv, _scale_from_amax,
                                dequantize_fp8, fp8_scale_shape, quantize_fp8)
 
@@ -92,7 +91,7 @@ class Fp8Linear(QuantizedLinear):
                 f"bias={self.bias is not None}, granularity={self.config.granularity}")
 
 
-class Fp8StackedExperts(StackedExperts):
+class Fp8StackedExperts(QuantizedStackedExperts):
     """``StackedExperts`` with FP8 ``gate_up_proj`` / ``down_proj`` and per-expert scales.
 
     ``gate_up_proj_scale`` / ``down_proj_scale`` are float32 with shape
@@ -131,22 +130,7 @@ class Fp8StackedExperts(StackedExperts):
     def _install(self, gate_up, gate_up_scale, down, down_scale, config, out_dtype):
         _check_quantized("gate_up_proj", gate_up, gate_up_scale, config, dims=3)
         _check_quantized("down_proj", down, down_scale, config, dims=3)
-        num_experts, two_intermediate, hidden = gate_up.shape
-        if down.shape != (num_experts, hidden, two_intermediate // 2) or two_intermediate % 2:
-            raise ValueError(f"gate_up_proj {tuple(gate_up.shape)} and down_proj "
-                             f"{tuple(down.shape)} do not describe the same experts")
-        self.num_experts, self.hidden, self.intermediate = (num_experts, hidden,
-                                                            two_intermediate // 2)
-        self.config, self.out_dtype = config, out_dtype
-        self.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
-        self.gate_up_proj_scale = nn.Parameter(gate_up_scale, requires_grad=False)
-        self.down_proj = nn.Parameter(down, requires_grad=False)
-        self.down_proj_scale = nn.Parameter(down_scale, requires_grad=False)
-
-    def full_precision_slots(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
-        """What a checkpoint (or a weight push) feeds this layer: the bf16 stacked weights."""
-        return {name: (getattr(self, name).shape, self.out_dtype)
-                for name in ("gate_up_proj", "down_proj")}
+        self._set_tensors(gate_up, gate_up_scale, down, down_scale, config, out_dtype)
 
     def expert_linear(self, x: torch.Tensor, which: str, expert: int) -> torch.Tensor:
         """``x @ W[expert].T`` in FP8 for ``which`` in {"gate_up_proj", "down_proj"}."""
