@@ -11,6 +11,8 @@ weight push) expects the same pieces: FP8 weights with their scales.
 
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import nn
 
@@ -24,7 +26,7 @@ from ..quant.prequantized import (PrequantizedFp8Linear, PrequantizedFp8StackedE
 from .base import Handler, Install
 from .registry import register_handler
 
-class PrequantizedFp8Handler(Handler):
+class PrequantizedFp8Handler(Handler, abc.ABC):
     """Plans, checks and installs pre-quantized FP8 weights; subclasses say which
     attributes are the FP8 weights and which kernel module takes them."""
 
@@ -128,9 +130,9 @@ class PrequantizedFp8Handler(Handler):
         module = self.kernel(rec.results, layout.kernel, _out_dtype(rec.module))
         return Install(module=module, attrs={"layout": layout.for_pushes()})
 
+    @abc.abstractmethod
     def kernel(self, results, config, out_dtype) -> nn.Module:
         """The kernel module holding ``results`` (each subclass's own)."""
-        raise NotImplementedError(f"{type(self).__name__} names no kernel module")
 
     def live_tensors(self, rec) -> dict[str, torch.Tensor]:
         if isinstance(rec.module, self.installs):
