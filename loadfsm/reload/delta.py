@@ -9,6 +9,12 @@ with a changed byte (a layer is pushed whole: R1..R4 need all its pieces). A lay
 out holds exactly what the full push would give it, since quantization is deterministic:
 the push is bit-identical to a full one, always, as long as the engine holds what was
 last sent (``commit`` after each push the engine took, ``forget`` after one it did not).
+
+``tiles=True`` (a block-FP8 engine) goes below layers: a layer whose only changes are
+FP8 tiles sends just those tiles with their scales (``tile_delta``), written into the
+live tensors in place (``tile_push``); the other changed layers go whole, as above.
+Per-tensor and per-channel FP8 keep whole layers: one changed value can move a scale
+that every byte of the tensor (or row) depends on.
 """
 
 from __future__ import annotations
@@ -25,19 +31,26 @@ from ..quant.push_fp8 import quantize_for_push
 from ..loading.session import LoadSession
 from .routes import PushRoutes, checkpoint_tensors
 from .sync import SyncReport, WeightSync
+from .tile_delta import TileTracker
+from .tile_push import TileDelta, apply_tile_delta
+from .tiles import tile_count
 
 
 @dataclass
 class DeltaReport:
     """What a delta push sent and skipped, against a full push of the same weights
     (``bytes_*`` are the bytes that push would carry: FP8 and scales when
-    ``prequantized``, else the trainer's bf16)."""
+    ``prequantized``, else the trainer's bf16; with tiles, the patches' tiles, scales
+    and indices count as sent). ``tiles_sent`` of ``tiles_total`` block-FP8 tiles went as
+    patches (both 0 without ``tiles``); a patch counts as one tensor."""
 
     layers_sent: int
     layers_skipped: int
     tensors_sent: int
     bytes_sent: int
     bytes_skipped: int
+    tiles_sent: int = 0
+    tiles_total: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,30 +68,46 @@ class DeltaPush:
         prequantized: push FP8 weights and scales (an engine loaded pre-quantized);
             else the trainer's bf16 tensors (an engine with online FP8).
         scale_name: as ``quantize_for_push``'s.
+        tiles: send changed FP8 tiles, not whole layers (a block-FP8 ``config``; the
+            engine given as its ``WeightSync`` or model class). A step then gives a
+            ``TileDelta``, which ``apply_tile_delta`` pushes (``push`` does).
 
     Memory: the trainer keeps one copy of every parameter and one of its FP8 form.
     ``report``: the last push's ``DeltaReport``.
+
+    Raises:
+        ValueError: ``tiles`` with a per-tensor or per-channel config, or with the
+            engine given as a function.
     """
 
     def __init__(self, config: Fp8Config,
                  engine: WeightSync | nn.Module | Callable[[str], str], *,
-                 prequantized: bool = False, scale_name: str | None = None):
+                 prequantized: bool = False, scale_name: str | None = None,
+                 tiles: bool = False):
         self.config, self.prequantized, self.scale_name = config, prequantized, scale_name
+        routes = None
         if isinstance(engine, (WeightSync, nn.Module)):
             routes = (engine._routes if isinstance(engine, WeightSync)
                       else PushRoutes(LoadSession(engine, quant=config, device="cpu").plan))
             self._layer_of = lambda name: routes.resolve(name).rec.name
         else:
             self._layer_of = engine
+        if tiles and (config.granularity != "block" or routes is None):
+            raise ValueError("tiles=True needs a block-FP8 config and the engine's "
+                             "WeightSync or model class (its layers' FP8 weights)")
+        self._tiles = TileTracker(routes, config) if tiles else None
         self._layout = Fp8CheckpointConfig.of(config, scale_name)
         self._raw: dict[str, torch.Tensor] = {}     # parameter -> as last sent
         self._sent: dict[str, torch.Tensor] = {}    # pushed name -> quantized, as last sent
-        self._pending: tuple[dict, dict] | None = None
+        self._pending: tuple | None = None
         self.report: DeltaReport | None = None
 
-    def __call__(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-        """The ``(name, tensor)`` pairs to push for ``model``'s current weights: every
-        tensor of each layer whose quantized bytes changed since the last ``commit``."""
+    def __call__(self, model: nn.Module) -> list[tuple[str, torch.Tensor]] | TileDelta:
+        """What to push for ``model``'s current weights: every tensor of each layer whose
+        quantized bytes changed since the last ``commit`` (with ``tiles``: a
+        ``TileDelta``, those layers' changed tiles when tiles are all that changed)."""
+        if self._tiles is not None:
+            return self._tile_delta(model)
         with torch.no_grad():
             params = dict(model.named_parameters())
             moved = [n for n, p in params.items() if not _same(self._raw.get(n), p)]
@@ -104,23 +133,83 @@ class DeltaPush:
                                   bytes_skipped=total - sent)
         return items
 
+    def _tile_delta(self, model: nn.Module) -> TileDelta:
+        """Tiles of the layers whose only changes are FP8 tiles; the other changed layers
+        whole (a first push: all of them)."""
+        tracker = self._tiles
+        params = dict(model.named_parameters())
+        places = {n: tracker.place(n, p.shape) for n, p in params.items()}
+        layer_of = {n: place.layer if place else self._layer_of(n)
+                    for n, place in places.items()}
+        dirty, patches, moved = set(), [], []
+        with torch.no_grad():
+            for name, param in params.items():
+                kept, place = self._raw.get(name), places[name]
+                if place is None or name not in tracker.sent:
+                    if not _same(kept, param):
+                        dirty.add(layer_of[name])
+                    continue
+                patch, what = tracker.changed(name, param, kept, place)
+                patches += [patch] if patch is not None else []
+                moved += [what] if what is not None else []
+            whole = [n for n in params if layer_of[n] in dirty]
+            delta = TileDelta(self._whole_items(model, whole, dirty),
+                              [p for p in patches if p.layer not in dirty])
+            self._pending = ({n: params[n].detach().clone() for n in whole},
+                             {n: tracker.whole(params[n]) for n in whole if places[n]},
+                             [m for m in moved if layer_of[m[0]] not in dirty])
+        self.report = self._tile_report(params, places, layer_of, dirty, delta)
+        return delta
+
+    def _whole_items(self, model: nn.Module, names: list[str],
+                     dirty: set[str]) -> list[tuple[str, torch.Tensor]]:
+        """Every tensor of the ``dirty`` layers (whose parameters are ``names``), as a
+        full push sends them."""
+        if self.prequantized:
+            return list(quantize_for_push(_Only(model, names), self.config,
+                                          scale_name=self.scale_name))
+        return [(n, t) for n, t in checkpoint_tensors(model) if self._layer_of(n) in dirty]
+
+    def _tile_report(self, params, places, layer_of, dirty, delta: TileDelta) -> DeltaReport:
+        block = self.config.block_size
+        total = sum(_full_bytes(p, places[n] is not None and self.prequantized, block)
+                    for n, p in params.items())
+        sent_layers = dirty | {p.layer for p in delta.patches}
+        sent = delta.nbytes
+        return DeltaReport(
+            layers_sent=len(sent_layers), layers_skipped=len(set(layer_of.values()) - sent_layers),
+            tensors_sent=len(delta.items) + len(delta.patches), bytes_sent=sent,
+            bytes_skipped=total - sent, tiles_sent=sum(len(p.index) for p in delta.patches),
+            tiles_total=sum(tile_count(p.shape, block) for n, p in params.items() if places[n]))
+
     def commit(self) -> None:
         """The engine took the last push: its weights are what was sent."""
-        if self._pending is not None:
+        if self._pending is None:
+            return
+        if self._tiles is not None:
+            raw, whole, moved = self._pending
+            self._raw.update(raw)
+            self._tiles.sent.update(whole)
+            self._tiles.commit(self._raw, moved)
+        else:
             raw, fresh = self._pending
             self._raw.update(raw)
             self._sent.update(fresh)
-            self._pending = None
+        self._pending = None
 
     def forget(self) -> None:
         """The engine may not hold what was sent (a push failed): the next push is full."""
         self._raw, self._sent, self._pending = {}, {}, None
+        if self._tiles is not None:
+            self._tiles.sent = {}
 
     def push(self, sync: WeightSync, model: nn.Module, **kwargs) -> SyncReport:
-        """``sync.push`` of the delta for ``model``; commits, or forgets if it raised."""
-        items = self(model)
+        """``sync.push`` (with tiles: ``apply_tile_delta``) of the delta for ``model``;
+        commits, or forgets if it raised."""
+        delta = self(model)
         try:
-            report = sync.push(items, **kwargs)
+            report = (apply_tile_delta(sync, delta, **kwargs) if self._tiles is not None
+                      else sync.push(delta, **kwargs))
         except BaseException:
             self.forget()
             raise
@@ -161,3 +250,9 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
+
+
+def _full_bytes(param: torch.Tensor, fp8: bool, block: tuple[int, int]) -> int:
+    """What a full push carries of ``param``: FP8 bytes and float32 tile scales when it
+    goes ``fp8``, else the parameter as it is."""
+    return param.numel() + 4 * tile_count(param.shape, block) if fp8 else _nbytes(param)
