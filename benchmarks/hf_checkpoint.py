@@ -14,7 +14,11 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from loadfsm.testing import ModelConfig, as_config, write_checkpoint
+from safetensors import safe_open
+
+from loadfsm.sources.checkpoint_files import INDEX_NAME
+from loadfsm.sources.dtypes import NAMES
+from loadfsm.testing import ModelConfig, as_config, checkpoint_layout, write_checkpoint
 
 CONFIG_NAME = "config.json"
 
@@ -62,24 +66,48 @@ def write_hf_checkpoint(config: ModelConfig, directory: str | Path, *,
 
 
 def cached(config: ModelConfig, directory: str | Path) -> bool:
-    """Whether ``directory`` already holds the checkpoint of ``config`` (``False``: it is
-    absent or empty, free to write).
+    """Whether ``directory`` already holds the checkpoint of ``config``: one written here,
+    or one ``write_checkpoint`` wrote with the same shapes (``gpu_run.sh``'s), which is
+    given its ``config.json`` here. ``False``: absent or empty, free to write.
 
     Raises:
         ValueError: it holds a checkpoint of other shapes (written by an earlier run with
-            other options), or files without a ``config.json`` (a write cut short, or not
-            a checkpoint): a directory with files in it is never written into.
+            other options), or files that are no whole checkpoint (a write cut short):
+            a directory with files in it is never written over.
     """
     directory = Path(directory)
     path = directory / CONFIG_NAME
-    if not path.exists():
-        if directory.exists() and any(directory.iterdir()):
-            raise ValueError(f"{directory} has files but no {CONFIG_NAME}; "
-                             "remove it or pass another --dir")
-        return False
-    found, wanted = json.loads(path.read_text()), hf_config(config)
-    differ = {k: (found.get(k), wanted[k]) for k in _SHAPE_KEYS if found.get(k) != wanted[k]}
+    if path.exists():
+        found, wanted = json.loads(path.read_text()), hf_config(config)
+        differ = {k: (found.get(k), wanted[k]) for k in _SHAPE_KEYS
+                  if found.get(k) != wanted[k]}
+        if differ:
+            raise ValueError(f"{directory} holds a checkpoint of other shapes "
+                             f"(found, wanted): {differ}; pass another --dir")
+        return True
+    if (directory / INDEX_NAME).exists():
+        _check_tensors(config, directory)
+        path.write_text(json.dumps(hf_config(config), indent=2) + "\n")
+        return True
+    if directory.exists() and any(directory.iterdir()):
+        raise ValueError(f"{directory} has files but no {CONFIG_NAME} or {INDEX_NAME}; "
+                         "remove it or pass another --dir")
+    return False
+
+
+def _check_tensors(config: ModelConfig, directory: Path) -> None:
+    """Raise ``ValueError`` unless the shards' headers list exactly ``config``'s tensors,
+    shapes and dtypes."""
+    wanted = {s.name: (list(s.shape), NAMES[s.dtype]) for s in checkpoint_layout(config)}
+    found = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            for name in f.keys():
+                tensor = f.get_slice(name)
+                found[name] = (tensor.get_shape(), tensor.get_dtype())
+    differ = sorted(n for n in wanted.keys() | found.keys() if wanted.get(n) != found.get(n))
     if differ:
-        raise ValueError(f"{directory} holds a checkpoint of other shapes "
-                         f"(found, wanted): {differ}; pass another --dir")
-    return True
+        raise ValueError(f"{directory} holds other tensors than the checkpoint asked for "
+                         f"({len(differ)} differ, first {differ[0]!r}: found "
+                         f"{found.get(differ[0])}, wanted {wanted.get(differ[0])}); "
+                         "pass another --dir")

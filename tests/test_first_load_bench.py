@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: E402
 
 import loadfsm.hf  # noqa: E402
+from loadfsm.testing import write_checkpoint  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import first_load  # noqa: E402
@@ -68,6 +69,20 @@ def test_cached_checkpoint_reused_only_for_its_shapes(checkpoint, tmp_path):
     (tmp_path / "stray.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="no config.json"):
         cached(SMALL, tmp_path)
+
+
+def test_write_checkpoint_dir_of_the_same_shapes_is_adopted(tmp_path):
+    """A ``write_checkpoint`` directory (no config.json) of the asked tensors gets its
+    config.json and loads; one of other shapes is refused and left as it was."""
+    plain = write_checkpoint(SMALL, tmp_path / "plain", max_shard_bytes=20_000)
+    assert cached(SMALL, plain)
+    model, _ = loadfsm.hf.from_pretrained(plain, quant=None, device="cpu")
+    assert torch.equal(model.lm_head.weight, _written(plain)["lm_head.weight"])
+    other = write_checkpoint(llama_8b_config(layers=2, hidden=64, intermediate=64, heads=4,
+                                             kv_heads=2, vocab=96), tmp_path / "other")
+    with pytest.raises(ValueError, match="other tensors.*mlp"):
+        cached(SMALL, other)
+    assert not (other / "config.json").exists()
 
 
 def test_parse_result_takes_the_last_line_of_its_side():
