@@ -23,7 +23,7 @@ import torch
 from ..atomic import deferred_interrupts
 from ..errors import (DuplicateWeightError, InvalidScaleError, NonFiniteWeightError, ShapeMismatchError,
                       UnexpectedWeightError)
-from ..handlers.fp8 import Fp8Handler
+from ..handlers.fp8 import Fp8ExpertsHandler, Fp8LinearHandler
 from ..handlers.fp8_checkpoint import PrequantizedFp8Handler
 from ..layer import LayerRecord
 from ..quant.prequantized import fp8_row_flags
@@ -32,7 +32,9 @@ from .sync import SyncReport, WeightSync
 from .tiles import gather_tiles, put_tiles
 from .transaction import ReloadTransaction
 
-FP8_HANDLERS = (Fp8Handler, PrequantizedFp8Handler)
+# Handlers whose live tensors are ``quantize_fp8``'s own layout (an engine's FP8 layout
+# may rearrange them: its layers take whole pushes).
+FP8_HANDLERS = (Fp8LinearHandler, Fp8ExpertsHandler, PrequantizedFp8Handler)
 
 
 @dataclass
@@ -74,6 +76,9 @@ class TileDelta:
 
 def apply_tile_delta(sync: WeightSync, delta: TileDelta, *, version=None) -> SyncReport:
     """Push ``delta`` into ``sync``'s model, in place (steps 1..3 of the module docstring).
+
+    Checks come first, so a patch that fails them changes nothing, whatever the
+    ``atomic`` mode; a write that raises after them leaves the layers before it new.
 
     Returns:
         A ``SyncReport``; ``bytes_received`` counts the patches' bytes too.
