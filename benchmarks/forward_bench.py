@@ -6,7 +6,10 @@ One decoder layer's four GEMMs (qkv 4096->6144, o 4096->4096, gate_up 4096->2867
 down 14336->4096) at each token count: bf16 ``F.linear`` and ``Fp8Linear`` at each
 granularity, timed with CUDA events, eagerly and replayed from a CUDA graph (what an
 engine's decode and piecewise prefill graphs run). Printed as speed over bf16 (> 1 is
-faster); the activation quantization is inside the FP8 time.
+faster); the activation quantization is inside the FP8 time. ``--json`` also names the
+kernel each granularity ran (``quant.linear.fp8_kernel``): 128x128 blocks run
+``F.scaled_mm``'s block recipe on sm90 (``block_scaled_mm``), the dequantizing fallback
+elsewhere.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from loadfsm.quant import Fp8Config, Fp8Linear, quantize_fp8
+from loadfsm.quant.linear import fp8_kernel
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
           "down": (14336, 4096)}
@@ -52,6 +56,7 @@ def _time(fn, repeat: int, graph: bool) -> float:
 def bench(tokens: int, repeat: int, graph: bool) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(0)
     seconds = {"bf16": 0.0, **{g: 0.0 for g in GRANULARITIES}}
+    kernels = {g: set() for g in GRANULARITIES}
     for k, n in SHAPES.values():
         x = torch.randn(tokens, k, device="cuda", generator=gen).to(torch.bfloat16)
         w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
@@ -60,10 +65,12 @@ def bench(tokens: int, repeat: int, graph: bool) -> dict:
             config = Fp8Config(granularity=granularity, exclude=())
             q, scale = quantize_fp8(w, config)
             module = Fp8Linear.from_quantized(q, scale, None, config, out_dtype=torch.bfloat16)
+            kernels[granularity].add(fp8_kernel(x, q, config, torch.bfloat16).__name__)
             with torch.no_grad():
                 seconds[granularity] += _time(lambda: module(x), repeat, graph)
     return {"tokens": tokens, "graph": graph, "layer_seconds": seconds,
-            "speed_over_bf16": {g: seconds["bf16"] / seconds[g] for g in GRANULARITIES}}
+            "speed_over_bf16": {g: seconds["bf16"] / seconds[g] for g in GRANULARITIES},
+            "kernels": {g: sorted(names) for g, names in kernels.items()}}
 
 
 def main(argv=None) -> list:

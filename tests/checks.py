@@ -1,6 +1,6 @@
 """Comparisons the tests share: tensors equal bit for bit, a model's tensors and their
 addresses, per-layer old/new verdicts after a push, engine loaders given back, and a
-layer's exact reload sequence in a trace."""
+layer's exact reload sequence in a trace; the FP8 block GEMM emulated from its operands."""
 
 from __future__ import annotations
 
@@ -78,3 +78,24 @@ def assert_qkv_reloaded(logs, layer):
              if e["event"] == "layer_transition" and e["layer"] == layer]
     assert steps == RELOAD_QKV
     assert logs[-1]["event"] == "push_complete"
+
+
+def graded(rows: int, cols: int, seed: int = 0, device="cpu") -> torch.Tensor:
+    """A seeded normal bf16 ``[rows, cols]`` whose magnitude spans 100x down the rows and
+    across the columns: every 128x128 tile and 1x128 group has its own scale, so a scale
+    read from the wrong tile shows."""
+    gen = torch.Generator(device).manual_seed(seed)
+    grade = (torch.logspace(-1, 1, rows, device=device)[:, None]
+             * torch.logspace(1, -1, cols, device=device)[None, :])
+    return (torch.randn(rows, cols, generator=gen, device=device) * grade).bfloat16()
+
+
+def emulate_block_scaled_mm(a, scale_a, q, scale_b, m):
+    """What cuBLASLt computes from ``F.scaled_mm``'s 1x128 x 128x128 operands, in float64:
+    ``a[i, k] * scale_a[i, k // 128]`` times ``q[j, k] * scale_b[k // 128, j // 128]``,
+    for the first ``m`` rows of ``a``."""
+    groups = q.shape[1] // 128
+    a_deq = a[:m].double() * scale_a[:m].double().repeat_interleave(128, dim=1)
+    tiles = scale_b[:groups].t().double()                        # [N/128, K/128]
+    w_deq = q.double() * tiles.repeat_interleave(128, 0).repeat_interleave(128, 1)
+    return a_deq @ w_deq.t()

@@ -1,13 +1,16 @@
 """Modules that run on FP8 weights: ``Fp8Linear`` and ``Fp8StackedExperts``.
 
 Both hold float8_e4m3fn weights with float32 scales (layout in ``fp8.py``) and run every
-matrix through ``fp8_matmul``: ``torch._scaled_mm`` with dynamically quantized activations
-on GPUs with FP8 tensor cores, otherwise a dequantize + ``F.linear`` fallback.
+matrix through ``fp8_matmul``, which runs the kernel ``fp8_kernel`` picks: on GPUs with FP8
+tensor cores ``torch._scaled_mm``'s row-wise path (per-tensor and per-channel weights) or,
+on sm90, ``F.scaled_mm``'s 1x128 x 128x128 block path (``fp8_block_mm``), both with
+dynamically quantized activations; otherwise a dequantize + ``F.linear`` fallback.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +20,13 @@ from loadfsm.quant.config import Fp8Config
 from loadfsm.quant.quantized_linear import QuantizedLinear, QuantizedStackedExperts
 from loadfsm.quant.fp8 import (FP8_DTYPE, _quantize_with_inv, _scale_from_amax,
                                dequantize_fp8, fp8_scale_shape, quantize_fp8)
+from loadfsm.quant.fp8_block_mm import (block_scaled_mm, block_scaled_mm_fits,
+                                        block_scaled_mm_runs)
 
 _INF = float("inf")
+
+# A kernel: (x2 [M, K], q [N, K], scale, bias, config, out_dtype) -> [M, N].
+Fp8Kernel = Callable[..., torch.Tensor]
 
 
 def fp8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
@@ -31,19 +39,31 @@ def fp8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
         q: float8_e4m3fn weight ``[N, K]``; ``scale`` its float32 scales.
         bias: ``[N]`` or None.
     Returns:
-        ``[..., N]`` in ``out_dtype``. The ``_scaled_mm`` path has no host syncs, so it
-        can be captured in a CUDA graph.
+        ``[..., N]`` in ``out_dtype``. The ``scaled_mm`` kernels have no host syncs, so
+        they can be captured in a CUDA graph.
     """
     n, k = q.shape
     x2 = x.reshape(-1, k)  # [M, K]
-    if _use_scaled_mm(x2, q, config, out_dtype):
-        out = _scaled_mm(x2, q, scale, config, out_dtype)
-        if bias is not None:
-            out = out + bias
-    else:
-        bias = None if bias is None else bias.to(out_dtype)
-        out = F.linear(x2.to(out_dtype), dequantize_fp8(q, scale, config, out_dtype), bias)
+    out = fp8_kernel(x2, q, config, out_dtype)(x2, q, scale, bias, config, out_dtype)
     return out.reshape(*x.shape[:-1], n)
+
+
+def fp8_kernel(x2: torch.Tensor, q: torch.Tensor, config: Fp8Config,
+               out_dtype: torch.dtype) -> Fp8Kernel:
+    """The kernel ``fp8_matmul`` runs for activations ``x2 [M, K]`` and the weight ``q``:
+    ``rowwise_scaled_mm``, ``block_scaled_mm`` or ``dequantized_matmul``. What the device
+    supports is asked once per device; the rest are shape checks."""
+    if config.granularity == "block":
+        if (x2.shape[0] and block_scaled_mm_fits(q, config, out_dtype)
+                and block_scaled_mm_runs(x2.device)):
+            return block_scaled_mm
+        return dequantized_matmul
+    n, k = q.shape
+    if (x2.is_cuda and n % 16 == 0 and k % 16 == 0
+            and (config.granularity == "tensor" or out_dtype == torch.bfloat16)
+            and _has_fp8_tensor_cores(x2.device.index)):
+        return rowwise_scaled_mm
+    return dequantized_matmul
 
 
 class Fp8Linear(QuantizedLinear):
@@ -153,14 +173,6 @@ def _check_quantized(name, q, scale, config, *, dims):
                          f"got {scale.dtype} {tuple(scale.shape)}")
 
 
-def _use_scaled_mm(x2, q, config, out_dtype):
-    n, k = q.shape
-    return (x2.is_cuda and config.granularity in ("tensor", "channel")
-            and n % 16 == 0 and k % 16 == 0
-            and (config.granularity == "tensor" or out_dtype == torch.bfloat16)
-            and _has_fp8_tensor_cores(x2.device.index))
-
-
 @functools.cache
 def _has_fp8_tensor_cores(device_index: int | None) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 9)
@@ -169,11 +181,14 @@ def _has_fp8_tensor_cores(device_index: int | None) -> bool:
 _ROWS = Fp8Config(granularity="channel")
 
 
-def _scaled_mm(x2, q, scale, config, out_dtype):
-    # x2: [M, K]; q: [N, K]. With a bf16 output, activations are quantized per token (row)
-    # in one fused pass (the per-row kernel of ``quantize_fp8``) and the GEMM is
-    # _scaled_mm's row-wise path ([M, 1] x [1, N] scales; CUTLASS on sm90): a per-tensor
-    # weight scale is broadcast to a row of N. Other outputs keep one activation scale.
+def rowwise_scaled_mm(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                      bias: torch.Tensor | None, config: Fp8Config,
+                      out_dtype: torch.dtype) -> torch.Tensor:
+    """``torch._scaled_mm`` on a per-tensor or per-channel weight (``[M, K]`` -> ``[M, N]``)."""
+    # With a bf16 output, activations are quantized per token (row) in one fused pass (the
+    # per-row kernel of ``quantize_fp8``) and the GEMM is _scaled_mm's row-wise path
+    # ([M, 1] x [1, N] scales; CUTLASS on sm90): a per-tensor weight scale is broadcast to
+    # a row of N. Other outputs keep one activation scale.
     if out_dtype == torch.bfloat16:
         xq, x_scale = quantize_fp8(x2.contiguous(), _ROWS)                     # [M, 1]
         w_scale = (scale.reshape(1, -1) if config.granularity == "channel"
@@ -182,4 +197,13 @@ def _scaled_mm(x2, q, scale, config, out_dtype):
         x_scale = _scale_from_amax(torch.linalg.vector_norm(x2, ord=_INF))     # []
         xq, w_scale = _quantize_with_inv(x2, x_scale.reciprocal()), scale
     # q.t() is [K, N] column-major, the layout _scaled_mm wants for its second operand.
-    return torch._scaled_mm(xq, q.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype)
+    out = torch._scaled_mm(xq, q.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype)
+    return out if bias is None else out + bias
+
+
+def dequantized_matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                       bias: torch.Tensor | None, config: Fp8Config,
+                       out_dtype: torch.dtype) -> torch.Tensor:
+    """The fallback on every device: the weight dequantized to ``out_dtype``, ``F.linear``."""
+    bias = None if bias is None else bias.to(out_dtype)
+    return F.linear(x2.to(out_dtype), dequantize_fp8(q, scale, config, out_dtype), bias)
