@@ -60,3 +60,41 @@ def test_nan_on_cuda_raises_naming_the_piece(tmp_path):
     with pytest.raises(loadfsm.NonFiniteWeightError, match="k_proj") as err:
         loadfsm.load(build_model("tiny"), tmp_path / "m.safetensors", quant="fp8", device="cuda")
     assert err.value.layer == "model.layers.2.self_attn.qkv_proj"
+
+
+@pytest.mark.parametrize("quant", [None, "fp8", "fp8-block"])
+def test_tensors_larger_than_a_ring_buffer_stream_in_chunks(tiny_dir, quant, monkeypatch):
+    """With ring buffers smaller than most tensors, every large tensor is assembled on the
+    device chunk by chunk: the load is bit-identical to one through whole buffers, the
+    handed-over device tensors become the layers' storage, and the bound holds."""
+    import loadfsm.sources.safetensors_dir as safetensors_dir
+    whole = build_model("tiny")
+    loadfsm.load(whole, tiny_dir, quant=quant, device="cuda")
+    monkeypatch.setattr(safetensors_dir, "RING_BYTES", 96 << 10)   # not a row multiple
+    chunked = build_model("tiny")
+    report = loadfsm.load(chunked, tiny_dir, quant=quant, device="cuda")
+    expected = whole.state_dict()
+    for name, tensor in chunked.state_dict().items():
+        assert tensor.dtype == expected[name].dtype
+        if tensor.dtype.itemsize == 1:
+            tensor, other = tensor.view(torch.uint8), expected[name].view(torch.uint8)
+        else:
+            other = expected[name]
+        assert torch.equal(tensor, other), name
+    bound = (report.final_bytes + report.largest_layer_bytes) * 1.05 + (4 << 20)
+    assert report.cuda_peak_bytes <= bound, (report.cuda_peak_bytes, bound)
+
+
+def test_a_large_tensor_read_on_a_side_stream_is_ready_before_use(tiny_dir, monkeypatch):
+    """A consumer on its own stream waits for the reader's chunk copies."""
+    import loadfsm.sources.safetensors_dir as safetensors_dir
+    monkeypatch.setattr(safetensors_dir, "RING_BYTES", 64 << 10)
+    reference = build_model("tiny")
+    loadfsm.load(reference, tiny_dir, device="cpu")
+    model = build_model("tiny")
+    with torch.cuda.stream(torch.cuda.Stream()):
+        loadfsm.load(model, tiny_dir, device="cuda")
+    torch.cuda.synchronize()
+    expected = reference.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor.cpu(), expected[name]), name

@@ -1,5 +1,5 @@
 """The checkpoint reader runs ahead of the consumer in a thread: bounded by its ring,
-correct through the spill buffer, and gone when the load ends, however it ends."""
+correct for tensors larger than a ring buffer, and gone when the load ends, however it ends."""
 
 import threading
 import time
@@ -45,8 +45,8 @@ def test_reads_ahead_at_most_the_ring(source, monkeypatch):
     assert all(torch.equal(t, STATE[n]) for n, t in rest)
 
 
-def test_tensors_larger_than_the_ring_go_through_the_spill_buffer(tmp_path, monkeypatch):
-    monkeypatch.setattr(safetensors_dir, "PINNED_MAX_BYTES", 64 * 64 * 4 - 1)
+def test_tensors_larger_than_a_ring_buffer_go_through_the_reused_buffer(tmp_path, monkeypatch):
+    monkeypatch.setattr(safetensors_dir, "RING_BYTES", 64 * 64 * 4 - 1)
     file = tmp_path / "model.safetensors"
     save_file(STATE, str(file))
     src = SafetensorsSource(file)

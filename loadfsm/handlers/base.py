@@ -66,6 +66,11 @@ class Handler:
         raise ValueError(f"{rec.name} declares optional pieces, but its handler "
                          f"{self.name!r} has no defaults for them")
 
+    def prepare(self, config, device: torch.device) -> None:
+        """Get ready to quantize on ``device`` (compile or load kernels). Runs once per
+        load in a background thread while the first tensors are read; the driver waits
+        for it before the first ``quantize``. Nothing to prepare here."""
+
     def quantize(self, rec, config) -> dict[str, torch.Tensor]:
         """Results kept after staging is freed; here the staging tensors themselves."""
         return dict(rec.staging)

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..quant.config import Fp8Config
 from ..quant.experts import StackedExperts
-from ..quant.fp8 import quantize_fp8
+from ..quant.fp8 import quantize_fp8, warm_fp8_kernels
 from ..quant.linear import Fp8Linear, Fp8StackedExperts
 from .base import Install, WeightQuantizer
 from .registry import register_handler
@@ -22,6 +22,9 @@ from .registry import register_handler
 
 class Fp8Handler(WeightQuantizer):
     """Quantizes the layer's ``weight_attrs`` to FP8; every other tensor (bias) passes."""
+
+    def prepare(self, config, device):
+        warm_fp8_kernels(config, device)
 
     def quantize_weight(self, tensor, config):
         return quantize_fp8(tensor, config)

@@ -11,6 +11,7 @@ from .session import LoadSession
 def run(session: LoadSession, source: Source) -> LoadReport:
     """Drive ``session`` from ``source`` to its report."""
     session.file_of = source.file_of
+    session.driver.owned_arrivals = getattr(source, "owned_arrivals", False)
     try:
         entries = source.entries()
         order = session.match(entries, source.index()) if entries is not None else None

@@ -24,6 +24,7 @@ from ..states import LayerState
 from ..trace import Tracer
 from .finiteness import FinitenessBatch, locatable
 from .landing import PieceLayout, layout_of, piece_view
+from .warmup import KernelWarmup
 
 _PARTIAL = LayerState.PARTIAL
 
@@ -33,7 +34,8 @@ class ArrivalDriver:
 
     ``reloading`` is set by a reload transaction for the length of a push: staging may
     alias a pushed tensor, results are counted as extra bytes until committed, and the
-    first-load-only trace events and underflow counts are skipped.
+    first-load-only trace events and underflow counts are skipped. ``owned_arrivals`` is
+    set by a load whose source hands its device tensors over (``Source.owned_arrivals``).
     """
 
     def __init__(self, plan: Plan, *, device: torch.device, config, ledger: MemoryLedger,
@@ -44,6 +46,8 @@ class ArrivalDriver:
         self.max_in_flight = max_in_flight
         self.on_quantized = on_quantized
         self.reloading = False
+        self.owned_arrivals = False
+        self.warmup: KernelWarmup | None = None     # waited for before the first quantize
         self.file_of: Callable[[str], str | None] = lambda name: None
         self.in_flight: dict[str, LayerRecord] = {}
         self.unexpected: list[str] = []
@@ -179,11 +183,14 @@ class ArrivalDriver:
 
     def _can_alias(self, rec: LayerRecord, into: Piece, tensor: torch.Tensor,
                    names: tuple[str, ...]) -> bool:
-        """A reload whose one tensor is the whole one-slot layer, already on the device in
-        the slot's dtype, needs no staging copy when the handler makes new tensors of it
-        (FP8): those are held and committed, never the caller's tensor itself."""
-        if (not self.reloading or not rec.handler.makes_new_tensors or into.region
-                or len(rec.slots) != 1 or len(names) != len(rec.missing)):
+        """Whether ``tensor``, the whole of a one-slot layer already on the device in the
+        slot's dtype, can be the layer's staging instead of being copied into one: in a
+        reload when the handler makes new tensors of it (FP8: those are held and
+        committed, never the caller's tensor itself); in a load when the source handed
+        the tensor over (``owned_arrivals``: it is the session's to keep)."""
+        if (into.region or len(rec.slots) != 1 or len(names) != len(rec.missing)
+                or not (rec.handler.makes_new_tensors if self.reloading
+                        else self.owned_arrivals)):
             return False
         slot = next(iter(rec.slots.values()))
         return (tensor.device == self.device and tensor.dtype == slot.dtype
@@ -219,7 +226,10 @@ class ArrivalDriver:
             rec.staging, rec.aliased = {next(iter(rec.slots)): alias}, True
         else:
             rec.staging, rec.aliased = rec.handler.materialize(rec, self.device), False
-        rec.staging_bytes = 0 if rec.aliased else sum(nbytes(t) for t in rec.staging.values())
+        # A pushed tensor aliased in a reload is the trainer's memory; a handed-over
+        # one in a load is the layer's own, counted like staging.
+        rec.staging_bytes = (0 if rec.aliased and self.reloading
+                             else sum(nbytes(t) for t in rec.staging.values()))
         self.ledger.add_staging(rec.staging_bytes)
         self.largest = max(self.largest, rec.staging_bytes)
         self.in_flight[rec.name] = rec
@@ -246,6 +256,9 @@ class ArrivalDriver:
         FinitenessBatch.record_layer(rec)
         src, dst = rec.fire(trigger)
         self.transition(rec, src, dst, trigger)
+        if self.warmup is not None:
+            self.warmup.wait()
+            self.warmup = None
         with layer_range(rec.name, "quantize"):
             self._quantize(rec)
         self.on_quantized(rec)
@@ -254,7 +267,7 @@ class ArrivalDriver:
         """Quantize a COMPLETE layer, then free its staging."""
         results = rec.handler.quantize(rec, self.config)
         staging_ids = {id(t) for t in rec.staging.values()}
-        if rec.aliased:      # the pushed tensor is the caller's, never counted as ours
+        if rec.aliased and self.reloading:    # the pushed tensor is the caller's, not ours
             owned = [t for t in results.values() if id(t) not in staging_ids]
             shared, produced = 0, sum(nbytes(t) for t in owned)
         else:

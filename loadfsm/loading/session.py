@@ -33,6 +33,7 @@ from .driver import ArrivalDriver
 from .finiteness import FinitenessBatch
 from .planning import left_unquantized, loaded_config, match_headers, plan_model
 from .report_builder import build_report, cuda_baseline
+from .warmup import KernelWarmup
 from .writer import ModelWriter
 
 _DONE = (LayerState.QUANTIZED, LayerState.FINALIZED)
@@ -78,6 +79,9 @@ class LoadSession:
                                     ledger=self.ledger, tracer=Tracer(trace), strict=strict,
                                     max_in_flight=max_in_flight,
                                     on_quantized=lambda rec: hold()(rec))
+        if self.device.type == "cuda":
+            self.driver.warmup = KernelWarmup(
+                {rec.handler for rec in self.plan.layers.values()}, self.quant, self.device)
         self.transaction = None       # a reload transaction while a push runs
         # The engine hook's first load: parameter name -> (the engine's weight_loader, its
         # other attributes). A reload runs these on the live (FP8) parameters.

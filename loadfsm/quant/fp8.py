@@ -90,6 +90,14 @@ def quantize_fp8_into(w: torch.Tensor, q_out: torch.Tensor, scale_out: torch.Ten
     _quantize_reference_into(w, q_out, scale_out, config)
 
 
+def warm_fp8_kernels(config: Fp8Config, device: torch.device) -> None:
+    """Quantize a small tensor on ``device`` so the first real weight does not wait for
+    the kernels: on CUDA, Triton's first launch in a process initializes its driver and
+    loads (or compiles) the kernels, about 0.6 s with a warm disk cache."""
+    if torch.device(device).type == "cuda":
+        quantize_fp8(torch.ones(256, 256, dtype=torch.bfloat16, device=device), config)
+
+
 def quantize_fp8_reference(w: torch.Tensor,
                            config: Fp8Config) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_fp8`` forced onto the torch reference path (tests compare kernels to it)."""

@@ -9,6 +9,7 @@ groups the pieces of one layer even when shards interleave them. Files come from
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -23,9 +24,13 @@ from .checkpoint_files import checkpoint_files
 from .pinned import PinnedRing
 from .shard_file import MIN_CHUNK_BYTES, READ_THREADS, ShardFile
 
-PINNED_MAX_BYTES = 2 << 30   # larger tensors go through one reused pageable buffer
-READ_AHEAD = 3               # pinned buffers: one being copied, the next ones being read
-_END, _SPILL = object(), object()
+# Each buffer of the read-ahead ring. Pinning costs ~0.5 s per GB the first time in a
+# process (and torch rounds pinned blocks up to a power of two), so the ring stays small:
+# on a GPU a larger tensor streams through it in chunks into its own device tensor.
+RING_BYTES = 128 << 20
+READ_AHEAD = 3               # ring buffers: one being copied, the next ones being read
+PREFETCH_BYTES = 1 << 30     # how far ahead of the reader the kernel is asked to read
+_END = object()
 
 
 class SafetensorsSource:
@@ -88,60 +93,105 @@ class SafetensorsSource:
         self._open(entry.file).read_into(name, out, self._threads(entry.nbytes))
         return out.view(entry.dtype).view(entry.shape)
 
+    @property
+    def owned_arrivals(self) -> bool:
+        """Whether every tensor this source yields on the session's device is new and
+        never written again, so the session may keep it as a layer's storage: on a GPU,
+        the device tensors that large tensors are assembled in (the ring is host memory)."""
+        return self.device.type == "cuda"
+
     def _read_ahead_ring(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Reads straight into (on CUDA, pinned) buffers, ahead of the consumer: a reader thread
-        fills the next buffers while the consumer copies one to the device and quantizes
-        (the ring bounds how far ahead). Tensors larger than a ring buffer go through one
-        pageable buffer, reused once its consumer is done."""
+        """Reads straight into (on CUDA, pinned) buffers, ahead of the consumer: a reader
+        thread fills the next buffers while the consumer copies one to the device and
+        quantizes (the ring bounds how far ahead). A tensor larger than a ring buffer goes,
+        on a GPU, chunk by chunk through the ring into a device tensor of its own; on the
+        CPU through one reused buffer. Either is handed out one at a time."""
         largest = max((self._entries[n].nbytes for n in names), default=0)
-        ring = PinnedRing(min(largest, PINNED_MAX_BYTES), self.device, READ_AHEAD)
-        spill = _Spill(largest)
+        ring = PinnedRing(min(largest, RING_BYTES), self.device, READ_AHEAD)
+        large = _Large(largest if self.device.type == "cpu" else 0)
         ready: queue.SimpleQueue = queue.SimpleQueue()
         stop = threading.Event()
         reader = threading.Thread(target=self._read_ahead, name="loadfsm-read-ahead",
-                                  args=(names, ring, spill, ready, stop), daemon=True)
+                                  args=(names, ring, large, ready, stop), daemon=True)
         reader.start()
         try:
             while (item := ready.get()) is not _END:
                 if isinstance(item, BaseException):
                     raise item
                 name, tensor, slot = item
+                if isinstance(slot, torch.cuda.Event):     # assembled on the device
+                    _adopt(tensor, slot)
                 yield name, tensor
-                if slot is _SPILL:
-                    spill.free.release()
-                elif slot is not None:
+                if slot is None:
+                    continue
+                if isinstance(slot, int):
                     ring.release(slot)
+                else:
+                    del tensor
+                    large.free.release()
         finally:
             stop.set()
-            spill.free.release()            # a reader waiting for the spill buffer wakes
+            large.free.release()            # a reader waiting for its turn wakes
             reader.join()                   # no read into a buffer outlives the load
 
-    def _read_ahead(self, names: list[str], ring: PinnedRing, spill: "_Spill",
+    def _read_ahead(self, names: list[str], ring: PinnedRing, large: "_Large",
                     ready: queue.SimpleQueue, stop: threading.Event) -> None:
         """The reader thread: each tensor into a free buffer, in order, until ``stop``."""
+        prefetch = _Prefetch(self, names)
         try:
-            for name in names:
-                entry = self._entries[name]
-                if not entry.nbytes:
-                    ready.put((name, torch.empty(entry.shape, dtype=entry.dtype), None))
-                    continue
-                if entry.nbytes <= ring.nbytes:
-                    taken = ring.acquire(stop)
-                    if taken is None:
-                        return
-                    slot, buffer = taken
-                else:
-                    spill.free.acquire()
-                    if stop.is_set():
-                        return
-                    slot, buffer = _SPILL, spill.buffer()
-                buffer = buffer[:entry.nbytes]
-                self._open(entry.file).read_into(name, buffer, self._threads(entry.nbytes))
-                ready.put((name, buffer.view(entry.dtype).view(entry.shape), slot))
+            with (torch.cuda.device(self.device) if self.device.type == "cuda"
+                  else contextlib.nullcontext()):
+                for name in names:
+                    prefetch.ahead_of(name)
+                    entry = self._entries[name]
+                    if not entry.nbytes:
+                        ready.put((name, torch.empty(entry.shape, dtype=entry.dtype), None))
+                        continue
+                    if entry.nbytes <= ring.nbytes:
+                        taken = ring.acquire(stop)
+                        if taken is None:
+                            return
+                        slot, buffer = taken
+                        buffer = buffer[:entry.nbytes]
+                        self._open(entry.file).read_into(name, buffer,
+                                                         self._threads(entry.nbytes))
+                    else:
+                        large.free.acquire()
+                        if stop.is_set():
+                            return
+                        buffer, slot = self._read_large(entry, ring, large, stop)
+                        if buffer is None:
+                            return
+                    ready.put((name, buffer.view(entry.dtype).view(entry.shape), slot))
         except BaseException as exc:        # the consumer raises it, with its own type
             ready.put(exc)
         else:
             ready.put(_END)
+
+    def _read_large(self, entry: TensorEntry, ring: PinnedRing, large: "_Large",
+                    stop: threading.Event) -> tuple[torch.Tensor | None, object]:
+        """A tensor larger than a ring buffer: ``(bytes, what frees them)``. On the CPU,
+        read into the one reused buffer; on a GPU, ring buffer by ring buffer into a new
+        device tensor (``None`` once ``stop`` is set), done when the returned event is."""
+        shard = self._open(entry.file)
+        start = shard.offsets[entry.name]
+        if self.device.type == "cpu":
+            buffer = large.buffer()[:entry.nbytes]
+            shard.read_range(entry.name, start, buffer, self._threads(entry.nbytes))
+            return buffer, large
+        out = torch.empty(entry.nbytes, dtype=torch.uint8, device=self.device)
+        for at in range(0, entry.nbytes, ring.nbytes):
+            taken = ring.acquire(stop)
+            if taken is None:
+                return None, None
+            slot, buffer = taken
+            chunk = buffer[:min(ring.nbytes, entry.nbytes - at)]
+            shard.read_range(entry.name, start + at, chunk, self._threads(chunk.numel()))
+            out[at:at + chunk.numel()].copy_(chunk, non_blocking=True)
+            ring.release(slot)
+        done = torch.cuda.Event()
+        done.record()
+        return out, done
 
     def _threads(self, nbytes: int) -> ThreadPoolExecutor | None:
         if nbytes < 2 * MIN_CHUNK_BYTES or READ_THREADS == 1:
@@ -163,10 +213,34 @@ class SafetensorsSource:
             self._pool = None
 
 
-class _Spill:
-    """The one pageable buffer of tensors larger than a pinned buffer (a copy from
-    pageable memory returns once it has read the source, so the consumer's return
-    frees it)."""
+class _Prefetch:
+    """Keeps the kernel reading ``PREFETCH_BYTES`` ahead of the reader thread: on a cold
+    page cache the disk then always has the next tensors queued, where one thread's
+    reads would leave it idle between tensors."""
+
+    def __init__(self, source: SafetensorsSource, names: list[str]):
+        self._source, self._names = source, names
+        self._next = 0            # the first name not yet prefetched
+        self._hinted = 0          # bytes of the names prefetched so far
+        self._read = 0            # bytes of the names before the one being read
+
+    def ahead_of(self, name: str) -> None:
+        """``name`` is about to be read: keep the prefetch that far ahead of it."""
+        entries = self._source._entries
+        while self._next < len(self._names) and self._hinted < self._read + PREFETCH_BYTES:
+            entry = entries[self._names[self._next]]
+            shard = self._source._open(entry.file)
+            shard.prefetch(shard.offsets[entry.name], entry.nbytes)
+            self._hinted += entry.nbytes
+            self._next += 1
+        self._read += entries[name].nbytes
+
+
+class _Large:
+    """Tensors larger than a ring buffer are handed out one at a time: on the CPU through
+    one reused buffer (a copy from it returns once it has read the source, so the
+    consumer's return frees it), on a GPU each in a device tensor of its own, the next
+    allocated only once the consumer is done with the last."""
 
     def __init__(self, nbytes: int):
         self.nbytes, self._buffer = nbytes, None
@@ -176,3 +250,11 @@ class _Spill:
         if self._buffer is None:
             self._buffer = torch.empty(self.nbytes, dtype=torch.uint8)
         return self._buffer
+
+
+def _adopt(tensor: torch.Tensor, copied: torch.cuda.Event) -> None:
+    """Make a tensor the reader thread filled on its stream safe on the consumer's."""
+    stream = torch.cuda.current_stream(tensor.device)
+    stream.wait_event(copied)
+    if stream != torch.cuda.default_stream(tensor.device):
+        tensor.record_stream(stream)

@@ -81,6 +81,13 @@ class ShardFile:
                     wait(futures)   # no write into ``out`` outlives this call (error, Ctrl-C)
         self.check_unchanged(name)
 
+    def prefetch(self, offset: int, nbytes: int) -> None:
+        """Ask the kernel to start reading ``nbytes`` from ``offset`` into the page cache
+        now (``POSIX_FADV_WILLNEED``: asynchronous, a no-op for cached pages), so a cold
+        read keeps the disk busy across tensor boundaries."""
+        if nbytes and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+
     def _pread(self, name: str, buf: memoryview, offset: int) -> None:
         done = 0
         while done < len(buf):

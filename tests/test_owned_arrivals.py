@@ -1,0 +1,64 @@
+"""A source that hands its tensors over (``owned_arrivals``): in a first load, a tensor
+that is the whole of a one-slot layer becomes that layer's storage instead of being
+copied; anything else is copied as from any source. Nothing else changes."""
+
+import pytest
+import torch
+
+import loadfsm
+from loadfsm.loading.drive import run
+from loadfsm.sources.safetensors_dir import SafetensorsSource
+from loadfsm.testing import build_model, write_checkpoint
+
+
+class _HandingOver:
+    """The checkpoint's tensors, each a new tensor the consumer may keep."""
+
+    def __init__(self, path, owned: bool):
+        self._inner, self.owned_arrivals, self.yielded = SafetensorsSource(path), owned, {}
+
+    def entries(self):
+        return self._inner.entries()
+
+    def index(self):
+        return self._inner.index()
+
+    def file_of(self, name):
+        return self._inner.file_of(name)
+
+    def close(self):
+        self._inner.close()
+
+    def read(self, order):
+        for name, tensor in self._inner.read(order):
+            tensor = self.yielded[name] = tensor.clone()
+            yield name, tensor
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return write_checkpoint("tiny", tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.mark.parametrize("quant", [None, "fp8"])
+@pytest.mark.parametrize("owned", [True, False])
+def test_handed_over_whole_tensors_become_the_layer(tiny_dir, quant, owned):
+    reference = build_model("tiny")
+    loadfsm.load(reference, tiny_dir, quant=quant, device="cpu")
+    source = _HandingOver(tiny_dir, owned)
+    session = loadfsm.LoadSession(build_model("tiny"), quant=quant, device="cpu")
+    report = run(session, source)
+    source.close()
+    model = session.model
+    norm = model.get_submodule("model.norm").weight
+    assert (norm.data_ptr() == source.yielded["model.norm.weight"].data_ptr()) is owned
+    fused = model.get_submodule("model.layers.0.self_attn.qkv_proj")
+    pieces = [source.yielded[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv"]
+    assert all(fused.weight.data_ptr() != t.data_ptr() for t in pieces)   # fused: copied
+    expected = reference.state_dict()
+    for name, tensor in model.state_dict().items():
+        other = expected[name]
+        if tensor.dtype.itemsize == 1:
+            tensor, other = tensor.view(torch.uint8), other.view(torch.uint8)
+        assert torch.equal(tensor, other), name
+    assert report.peak_bytes <= report.final_bytes + report.largest_layer_bytes
