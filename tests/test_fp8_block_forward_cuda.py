@@ -121,7 +121,9 @@ def test_stacked_experts_take_block_mm():
 @pytest.mark.parametrize("tokens", [8, 6], ids=["M8", "M6-padded"])
 def test_cuda_graph_capture(tokens):
     """The block forward captures into a CUDA graph that replays on new inputs, and a
-    weight push written in place reaches the replay (no derived copy of the scales)."""
+    weight push written in place reaches the replay (no derived copy of the scales).
+    Replay and eager agree to the bf16 output's rounding (>= 40 dB; cuBLASLt need not
+    pick the same algorithm on the capture stream); stale inputs would be far off."""
     layer, _ = _layer(640, 384, bias=True)
     static_x = _x(tokens, 640, seed=2)
     stream = torch.cuda.Stream()
@@ -136,10 +138,10 @@ def test_cuda_graph_capture(tokens):
     static_x.copy_(new_x)
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(static_out, layer(new_x))
+    assert sqnr_db(layer(new_x), static_out) >= 40.0
     pushed, _ = _layer(640, 384, bias=True, seed=9)
     layer.weight.data.copy_(pushed.weight)
-    layer.weight_scale.data.copy_(pushed.weight_scale)
+    layer.weight_scale.data.copy_(pushed.weight_scale * 4)  # a stale scale would show
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(static_out, layer(new_x))
+    assert sqnr_db(layer(new_x), static_out) >= 40.0
