@@ -300,11 +300,12 @@ def test_tile_delta_maps_pieces_onto_the_fused_weight():
     delta = DeltaPush(BLOCK, sync, tiles=True)
     delta.push(sync, trainer)
     with torch.no_grad():
+        trainer.q_proj.weight[:5] *= 2                          # q: tile row 0, both columns
         trainer.v_proj.weight[:, 50:] *= 3                      # v: rows 96..127, tile row 3
     delta.push(sync, trainer)
     full_sync.push(trainer.named_parameters())
     assert_same_tensors(snapshot(ours), snapshot(full))
-    assert delta.report.tiles_sent == 1
+    assert delta.report.tiles_sent == 3
 
 
 @pytest.mark.parametrize("shape", [(70, 100), (3, 64, 96), (64, 96), (5, 7)],

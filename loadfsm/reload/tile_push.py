@@ -157,14 +157,15 @@ def _check_shapes(rec: LayerRecord, patch: TilePatch, weight: torch.Tensor,
 def _device_flags(patch: TilePatch, grid: torch.Size) -> torch.Tensor:
     """``[index out of range, index repeated, tile NaN/Inf, scale NaN/Inf, scale <= 0]``
     as a float tensor, computed where the patch is (no sync)."""
-    index, device = patch.index, patch.index.device
+    index = patch.index
     if not len(index):
-        return torch.zeros(5, device=device)
-    bounds = torch.tensor(grid, device=device)
-    outside = ((index < 0) | (index >= bounds)).any()
+        return torch.zeros(5, device=index.device)
+    outside = (index < 0).any()
     flat = index[:, 0]
-    for size, column in zip(grid[1:], index[:, 1:].unbind(1)):
-        flat = flat * size + column            # row-major tile number
+    for column, size in enumerate(grid):
+        outside = outside | (index[:, column] >= size).any()
+        if column:
+            flat = flat * size + index[:, column]          # row-major tile number
     flat = flat.sort().values
     repeated = (flat[1:] == flat[:-1]).any()
     codes = fp8_row_flags(patch.tiles.reshape(len(index), -1)).isnan().any()
@@ -198,7 +199,7 @@ def _commit_layer(push: ReloadTransaction, rec: LayerRecord,
                 push.current = patch.name
                 weight, scale = _live(rec, patch.attr)
                 block, at = tuple(patch.tiles.shape[1:]), patch.index.unbind(1)
-                kept = (patch, gather_tiles(weight, patch.index, block), scale[at].clone())
+                kept = (patch, gather_tiles(weight, patch.index, block), scale[at])
                 written.append(kept)
                 put_tiles(weight, patch.index, patch.tiles, block)
                 scale[at] = patch.scales
