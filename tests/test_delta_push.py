@@ -230,13 +230,15 @@ def test_tile_delta_equals_full_push_after_random_tile_changes(tmp_path, engine)
     generator = torch.Generator().manual_seed(0)
     for step in range(5):
         _change_tiles(trainer, 4, generator)
+        if step == 2:
+            _nudge(trainer, "model.norm.weight", 1.5)           # a whole layer beside tiles
         before = snapshot(full)
         delta.push(sync, trainer, version=step)
         push_full(trainer)
         assert_same_tensors(snapshot(ours), snapshot(full))
         report = delta.report
         assert report.tiles_sent == _tiles_changed(before, snapshot(full)) > 0
-        assert report.tensors_sent == report.layers_sent        # one patch per layer
+        assert report.tensors_sent == report.layers_sent        # one patch (or norm) each
         assert 0 < report.bytes_sent < report.bytes_skipped
     assert addresses(ours) == where
     assert report.tiles_total == sum(s.numel() for s in _tile_scales(snapshot(ours)).values())
@@ -406,6 +408,18 @@ def test_bad_tile_patch_changes_nothing(bad):
     assert info.value.committed == []
     assert_same_tensors(snapshot(ours), before)
     assert set(sync.layer_versions.values()) == {None}
+
+
+def test_layer_patched_and_pushed_whole_is_refused():
+    """A layer in both parts of a delta is refused before anything changes."""
+    ours, sync = _online_block()
+    before = snapshot(ours)
+    trainer = load_reference_model(SMALL, seed=1)
+    whole = [(f"{QKV1}.weight", dict(trainer.named_parameters())[f"{QKV1}.weight"])]
+    with pytest.raises(loadfsm.PushError) as info:
+        apply_tile_delta(sync, TileDelta(whole, [_patch(QKV1, "weight", [[0, 0]])]))
+    assert isinstance(info.value.__cause__, loadfsm.DuplicateWeightError)
+    assert_same_tensors(snapshot(ours), before)
 
 
 class _FailingPut:

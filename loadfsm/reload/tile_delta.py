@@ -18,7 +18,7 @@ import torch
 from ..quant.config import Fp8Config
 from ..quant.fp8 import quantize_fp8
 from .routes import PushRoutes
-from .tile_push import FP8_HANDLERS, TilePatch
+from .tile_push import TilePatch, holds_fp8_tiles
 from .tiles import gather_tiles, put_tiles, quantize_tiles, tile_mask
 
 # What a step moved in one parameter: its tile index, and the new bf16, FP8 and scales.
@@ -107,7 +107,7 @@ class TileTracker:
             piece = rec.pieces[route.name]
             param, region = piece.param, tuple(piece.region or ())
         attr = rec.slot_attr(param)
-        if not isinstance(rec.handler, FP8_HANDLERS) or attr not in rec.handler.weights:
+        if not holds_fp8_tiles(rec, attr):
             return None
         expert = region[0] if region and isinstance(region[0], int) else None
         rows = region[1:] if expert is not None else region

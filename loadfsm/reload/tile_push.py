@@ -26,15 +26,13 @@ from ..errors import (DuplicateWeightError, InvalidScaleError, NonFiniteWeightEr
 from ..handlers.fp8 import Fp8ExpertsHandler, Fp8LinearHandler
 from ..handlers.fp8_checkpoint import PrequantizedFp8Handler
 from ..layer import LayerRecord
+from ..quant.fp8 import FP8_DTYPE
 from ..quant.prequantized import fp8_row_flags
 from ..sources.base import iter_weights
 from .sync import SyncReport, WeightSync
 from .tiles import gather_tiles, put_tiles
 from .transaction import ReloadTransaction
 
-# Handlers whose live tensors are ``quantize_fp8``'s own layout (an engine's FP8 layout
-# may rearrange them: its layers take whole pushes).
-FP8_HANDLERS = (Fp8LinearHandler, Fp8ExpertsHandler, PrequantizedFp8Handler)
 
 
 @dataclass
@@ -74,6 +72,17 @@ class TileDelta:
                 + sum(p.nbytes for p in self.patches))
 
 
+def holds_fp8_tiles(rec: LayerRecord, attr: str) -> bool:
+    """Whether ``rec``'s live ``attr`` is an FP8 weight in ``quantize_fp8``'s own layout
+    with ``{attr}_scale`` beside it (an engine's own FP8 layout may rearrange them, and a
+    checkpoint may keep a module in full precision: those layers take whole pushes)."""
+    handler = rec.handler
+    if isinstance(handler, (Fp8LinearHandler, Fp8ExpertsHandler)):
+        return attr in handler.weights
+    return (isinstance(handler, PrequantizedFp8Handler) and attr in handler.weights
+            and rec.slots[attr].dtype == FP8_DTYPE)
+
+
 def apply_tile_delta(sync: WeightSync, delta: TileDelta, *, version=None) -> SyncReport:
     """Push ``delta`` into ``sync``'s model, in place (steps 1..3 of the module docstring).
 
@@ -110,8 +119,7 @@ def _check(sync: WeightSync, delta: TileDelta) -> dict[str, LayerRecord]:
     whole = {sync._routes.resolve(name, tensor.shape).rec.name for name, tensor in delta.items}
     for patch in delta.patches:
         rec = layers.get(patch.layer)
-        if rec is None or not isinstance(rec.handler, FP8_HANDLERS) \
-                or patch.attr not in rec.handler.weights:
+        if rec is None or patch.attr not in rec.slots or not holds_fp8_tiles(rec, patch.attr):
             raise UnexpectedWeightError("tile patch names no FP8 weight of the model",
                                         names=[patch.name], tensor=patch.name,
                                         layer=patch.layer)
