@@ -270,7 +270,8 @@ def test_tile_delta_patches_stacked_experts():
     delta = DeltaPush(BLOCK, sync, tiles=True)
     delta.push(sync, trainer)
     with torch.no_grad():
-        dict(trainer.named_parameters())["model.layers.1.mlp.experts.down_proj"][2, 33:40, 50:] *= 2
+        down = dict(trainer.named_parameters())["model.layers.1.mlp.experts.down_proj"]
+        down[2, 33:40, 50:] *= 2
     patches = delta(trainer).patches
     apply_tile_delta(sync, TileDelta(patches=patches))
     delta.commit()

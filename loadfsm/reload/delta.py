@@ -175,12 +175,14 @@ class DeltaPush:
         total = sum(_full_bytes(p, places[n] is not None and self.prequantized, block)
                     for n, p in params.items())
         sent_layers = dirty | {p.layer for p in delta.patches}
+        skipped = set(layer_of.values()) - sent_layers
         sent = delta.nbytes
         return DeltaReport(
-            layers_sent=len(sent_layers), layers_skipped=len(set(layer_of.values()) - sent_layers),
+            layers_sent=len(sent_layers), layers_skipped=len(skipped),
             tensors_sent=len(delta.items) + len(delta.patches), bytes_sent=sent,
             bytes_skipped=total - sent, tiles_sent=sum(len(p.index) for p in delta.patches),
-            tiles_total=sum(tile_count(p.shape, block) for n, p in params.items() if places[n]))
+            tiles_total=sum(tile_count(p.shape, block)
+                            for n, p in params.items() if places[n]))
 
     def commit(self) -> None:
         """The engine took the last push: its weights are what was sent."""

@@ -79,8 +79,10 @@ class TileTracker:
         fresh = gather_tiles(param.detach(), index, self.block)
         q, scale = quantize_tiles(fresh, self.block)
         sent_q, sent_scale = self.sent[name]
-        differs = (tile_mask(gather_tiles(sent_q, index, self.block), q, self.block).view(-1)
-                   | (sent_scale[index.unbind(1)].view(torch.int32) != scale.view(torch.int32)))
+        sent_tiles = gather_tiles(sent_q, index, self.block)
+        sent_scales = sent_scale[index.unbind(1)]
+        differs = (tile_mask(sent_tiles, q, self.block).view(-1)
+                   | (sent_scales.view(torch.int32) != scale.view(torch.int32)))
         keep = differs.nonzero().view(-1)
         patch = place.patch(index[keep], q[keep], scale[keep]) if len(keep) else None
         return patch, (name, index, fresh, q, scale)

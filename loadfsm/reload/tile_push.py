@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..atomic import deferred_interrupts
-from ..errors import (DuplicateWeightError, InvalidScaleError, NonFiniteWeightError, ShapeMismatchError,
-                      UnexpectedWeightError)
+from ..errors import (DuplicateWeightError, InvalidScaleError, NonFiniteWeightError,
+                      ShapeMismatchError, UnexpectedWeightError)
 from ..handlers.fp8 import Fp8ExpertsHandler, Fp8LinearHandler
 from ..handlers.fp8_checkpoint import PrequantizedFp8Handler
 from ..layer import LayerRecord
