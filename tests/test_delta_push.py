@@ -340,6 +340,43 @@ def test_tiles_move_exactly_their_region(shape):
     assert same(gather_tiles(target, index, block), tiles)
 
 
+def _as_module(tensors):
+    """A trainer whose ``named_parameters()`` are checkpoint names (one tensor per q, k, v
+    and per expert's gate, up and down), as a transformers-style trainer pushes them."""
+    root = nn.Module()
+    for name, tensor in tensors.items():
+        *path, leaf = name.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(leaf, nn.Parameter(tensor.clone(), requires_grad=False))
+    return root
+
+
+def test_tile_delta_from_checkpoint_named_tensors():
+    """Per-expert gate and up tensors and separate q, k, v: each tile lands in its expert
+    and rows of the engine's stacked or fused weight."""
+    ours, sync = _online_block(SMALL_MOE)
+    full, full_sync = _online_block(SMALL_MOE)
+    trainer = _as_module(reference_state_dict(SMALL_MOE, seed=1))
+    delta = DeltaPush(BLOCK, sync, tiles=True)
+    delta.push(sync, trainer)
+    params = dict(trainer.named_parameters())
+    with torch.no_grad():
+        params["model.layers.1.mlp.experts.2.up_proj.weight"][40:, :10] *= 2
+        params["model.layers.1.mlp.experts.1.down_proj.weight"][0, 0] *= 2
+        params["model.layers.0.self_attn.k_proj.weight"][0, 60] *= 3   # k: rows 256..383
+    patches = delta(trainer).patches
+    apply_tile_delta(sync, TileDelta(patches=patches))
+    delta.commit()
+    full_sync.push(trainer.named_parameters())
+    assert_same_tensors(snapshot(ours), snapshot(full))
+    assert sorted((p.attr, p.index.tolist()) for p in patches) == [
+        ("down_proj", [[1, 0, 0]]), ("gate_up_proj", [[2, 3, 0]]), ("weight", [[8, 1]])]
+
+
 def test_tile_delta_for_a_remote_engine_from_its_model_class():
     """The engine's model class on meta gives the tiles' places, as its WeightSync does."""
     ours, sync = _online_block()

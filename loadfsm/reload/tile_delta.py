@@ -6,7 +6,7 @@ expert, first tile row: a fused q/k/v or a per-expert checkpoint tensor is part 
 engine weight). A step compares the parameter with its bf16 copy tile by tile on its
 device, quantizes only the tiles that moved (``quantize_tiles``: the bytes the engine's
 quantization gives them), and keeps those whose FP8 bytes or scale differ from what was
-sent. One host sync per moved tensor reads the count of its tiles; none per tile.
+sent. Two host syncs per moved tensor read how many of its tiles moved; none per tile.
 """
 
 from __future__ import annotations
