@@ -24,7 +24,7 @@ def test_the_layer_and_piece_checks_allocate_a_small_fraction_of_the_layer():
         tensor.normal_()
     layer_bytes = sum(t.numel() * t.element_size() for t in staging.values())
     rec.arrived = list(rec.pieces)
-    whole_layer = _largest_allocation(lambda: FinitenessBatch.record_layer(rec))
+    whole_layer = _largest_allocation(lambda: FinitenessBatch.record_layer(rec, {}))
     one_piece = _largest_allocation(lambda: [FinitenessBatch.record_norm(rec, (n,), t)
                                              for n, t in staging.items()])
     assert rec.norms and max(whole_layer, one_piece) < layer_bytes / 10, (

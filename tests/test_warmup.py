@@ -40,7 +40,8 @@ def test_the_first_quantize_waits_for_the_warmup(tiny_dir, monkeypatch, error):
     quantized = []
     real = session.driver._quantize
     monkeypatch.setattr(session.driver, "_quantize",
-                        lambda rec: (quantized.append(list(handler.events)), real(rec))[1])
+                        lambda rec, *more: (quantized.append(list(handler.events)),
+                                                 real(rec, *more))[1])
     session.driver.warmup = KernelWarmup([handler], session.quant, torch.device("cpu"))
     run(session, SafetensorsSource(tiny_dir))
     assert handler.events[0] == ("start", "loadfsm-warmup")

@@ -19,6 +19,9 @@ import torch
 from torch import nn
 
 
+WHOLE_MATRIX = 0        # ``scale_checked``: one scale per [N, K] matrix
+
+
 @dataclass(frozen=True)
 class Install:
     """What a first load puts into the model for one layer.
@@ -65,6 +68,13 @@ class Handler:
         """Fill optional pieces the checkpoint did not carry, in ``rec.staging``."""
         raise ValueError(f"{rec.name} declares optional pieces, but its handler "
                          f"{self.name!r} has no defaults for them")
+
+    def scale_checked(self, rec, config) -> dict[str, int]:
+        """Weights whose ``{attr}_scale`` result is NaN/Inf exactly where the weight is,
+        so the finiteness batch reads it instead of reducing the weight again: attr ->
+        weight rows per scale row (1: a scale per row, a block's height, or
+        ``WHOLE_MATRIX``: one scale per matrix). None here: inputs are checked."""
+        return {}
 
     def prepare(self, config, device: torch.device) -> None:
         """Get ready to quantize on ``device`` (compile or load kernels). Runs once per

@@ -16,7 +16,7 @@ from ..quant.config import Fp8Config
 from ..quant.experts import StackedExperts
 from ..quant.fp8 import quantize_fp8, warm_fp8_kernels
 from ..quant.linear import Fp8Linear, Fp8StackedExperts
-from .base import Install, WeightQuantizer
+from .base import WHOLE_MATRIX, Install, WeightQuantizer
 from .registry import register_handler
 
 
@@ -25,6 +25,12 @@ class Fp8Handler(WeightQuantizer):
 
     def prepare(self, config, device):
         warm_fp8_kernels(config, device)
+
+    def scale_checked(self, rec, config):
+        # scale = max|w| / 448 over its rows (fp8.py, convention 2): NaN/Inf reach it.
+        rows = {"tensor": WHOLE_MATRIX, "channel": 1}.get(config.granularity)
+        rows = config.block_size[0] if rows is None else rows
+        return {attr: rows for attr in self.weight_attrs(rec)}
 
     def quantize_weight(self, tensor, config):
         return quantize_fp8(tensor, config)

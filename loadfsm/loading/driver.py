@@ -22,7 +22,7 @@ from ..plan import Plan, check_fits
 from ..profiling import layer_range
 from ..states import LayerState
 from ..trace import Tracer
-from .finiteness import FinitenessBatch, locatable
+from .finiteness import FinitenessBatch, locatable, scale_checked
 from .landing import PieceLayout, layout_of, piece_view
 from .warmup import KernelWarmup
 
@@ -59,6 +59,7 @@ class ArrivalDriver:
         self._warned_in_flight = False
         self._layouts: dict[str, PieceLayout] = {}     # ckpt name -> where it lands
         self._wholes: dict[str, Piece] = {}            # parameter -> the piece of all of it
+        self._by_scale: dict[str, dict[str, int]] = {}  # layer -> weights its scales check
 
     # -- arrivals --------------------------------------------------------------------
     def arrive(self, name: str, tensor: torch.Tensor) -> None:
@@ -253,19 +254,23 @@ class ArrivalDriver:
             self.tracer.event("layer_defaulted", layer=rec.name, pieces=list(names))
 
     def _complete(self, rec: LayerRecord, trigger: str) -> None:
-        FinitenessBatch.record_layer(rec)
+        by_scale = self._by_scale.get(rec.name)
+        if by_scale is None:
+            by_scale = self._by_scale[rec.name] = scale_checked(rec, self.config)
+        by_scale = FinitenessBatch.record_layer(rec, by_scale)
         src, dst = rec.fire(trigger)
         self.transition(rec, src, dst, trigger)
         if self.warmup is not None:
             self.warmup.wait()
             self.warmup = None
         with layer_range(rec.name, "quantize"):
-            self._quantize(rec)
+            self._quantize(rec, by_scale)
         self.on_quantized(rec)
 
-    def _quantize(self, rec: LayerRecord) -> None:
+    def _quantize(self, rec: LayerRecord, by_scale: dict[str, int]) -> None:
         """Quantize a COMPLETE layer, then free its staging."""
         results = rec.handler.quantize(rec, self.config)
+        FinitenessBatch.record_scales(rec, results, by_scale)
         staging_ids = {id(t) for t in rec.staging.values()}
         if rec.aliased and self.reloading:    # the pushed tensor is the caller's, not ours
             owned = [t for t in results.values() if id(t) not in staging_ids]

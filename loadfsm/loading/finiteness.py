@@ -3,14 +3,17 @@
 Every value that arrives is checked: when a layer completes, one reduction per staging
 tensor records a per-row value that is finite iff the row is (on the device: no sync).
 That covers every piece that arrived (``rec.arrived``) with one kernel per tensor, not
-one per piece: a MoE layer's hundreds of expert pieces cost two launches. A piece that
-splits rows (its region indexes the last dim) records its own max|x| as it arrives, so
-a bad value is always named by the piece, never by a neighbour. Quantization records,
-per FP8 weight, how many nonzero inputs it flushed to zero. Everything is read back
-together, one device sync per ``commit_bytes`` of held results (or once per push with
-``hold_all``), before any held layer is installed or committed: a layer holding NaN/Inf
-raises ``NonFiniteWeightError`` naming the first arrival (in order) that carried it, and
-no live tensor sees it.
+one per piece: a MoE layer's hundreds of expert pieces cost one launch. A weight whose
+quantization scale already says it (``Handler.scale_checked``: FP8's scale is max|w|
+over its rows, NaN/Inf included) is not reduced again: its scale is the record, as
+long as the scale's rows single out every piece of it. A piece that splits rows (its
+region indexes the last dim) records its own max|x| as it arrives, so a bad value is
+always named by the piece, never by a neighbour. Quantization records, per FP8 weight,
+how many nonzero inputs it flushed to zero. Everything is read back together, one
+device sync per ``commit_bytes`` of held results (or once per push with ``hold_all``),
+before any held layer is installed or committed: a layer holding NaN/Inf raises
+``NonFiniteWeightError`` naming the first arrival (in order) that carried it, and no
+live tensor sees it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..errors import NonFiniteWeightError
+from ..handlers.base import WHOLE_MATRIX
 from ..layer import LayerRecord
 from ..quant.fp8 import flushed_to_zero, sample_rows
 from ..quant.prequantized import fp8_row_flags, is_fp8
@@ -58,21 +62,33 @@ class FinitenessBatch:
         """Note ``view``'s max|x| on the device now (a piece the layer check cannot
         single out): NaN or Inf iff it holds one."""
         if view.is_floating_point() and view.numel():     # an empty max|x| raises
-            rec.norms.append(((names,), _amax(view), None))
+            rec.norms.append(((names,), [_amax(view)], None))
 
     @staticmethod
-    def record_layer(rec: LayerRecord) -> None:
+    def record_layer(rec: LayerRecord, by_scale: dict[str, int]) -> dict[str, int]:
         """At completion, before quantization frees the staging: one row-wise reduction
-        per staging tensor covers every arrival in ``rec.arrived`` (and the zero padding)."""
+        per staging tensor covers every arrival in ``rec.arrived`` (and the zero
+        padding); the tensors in ``by_scale`` wait for their scales. Returns those
+        (``record_scales`` takes them)."""
         if not rec.arrived:
-            return
+            return {}
         rows = {attr: _rows(t) for attr, t in rec.staging.items()
-                if t.is_floating_point() and t.numel()}
+                if t.is_floating_point() and t.numel() and attr not in by_scale}
         arrived, rec.arrived = rec.arrived, []
-        if rows:
-            # x * 0 is 0 for finite x, NaN otherwise: the sum says whether any row is bad.
-            bad = torch.stack([r.mul(0).sum() for r in rows.values()]).sum()
-            rec.norms.append((arrived, bad, rows))
+        rec.norms.append((arrived, list(rows.values()), rows))
+        return by_scale
+
+    @staticmethod
+    def record_scales(rec: LayerRecord, results: dict[str, torch.Tensor],
+                      by_scale: dict[str, int]) -> None:
+        """After quantization: each weight in ``by_scale`` is checked by its scale."""
+        if not by_scale:
+            return
+        _, values, rows = rec.norms[-1]
+        for attr, block in by_scale.items():
+            scale = results[f"{attr}_scale"]
+            values.append(scale)
+            rows[attr] = _ScaleRows(scale, block)
 
     @staticmethod
     def record_underflow(rec: LayerRecord, results: dict[str, torch.Tensor]) -> None:
@@ -91,30 +107,91 @@ class FinitenessBatch:
     def verify(recs: Iterable[LayerRecord], tracer: Tracer,
                file_of: Callable[[str], str | None]) -> None:
         """Raise ``NonFiniteWeightError`` naming the first piece of ``recs`` with NaN/Inf;
-        warn ``fp8_underflow`` for each tensor FP8 flushed mostly to zero. One sync."""
+        warn ``fp8_underflow`` for each tensor FP8 flushed mostly to zero. One sync,
+        and a few launches for the whole batch (one per dtype of the records)."""
         recs = [rec for rec in recs if rec.norms or rec.underflow]
         if not recs:
             return
-        values = [norm for rec in recs for _, norm, _ in rec.norms]
-        values = [torch.stack(values)] if values else []
-        values += [count.double().reshape(1) for rec in recs for _, *counts in rec.underflow
+        values = [v for rec in recs for _, vals, _ in rec.norms for v in vals]
+        checks = [_any_bad(values)] if values else []
+        checks += [count.double().reshape(1) for rec in recs for _, *counts in rec.underflow
                    for count in counts]
-        host = iter(torch.cat(values).tolist())
-        for rec in recs:
-            for arrived, _, rows in rec.norms:
-                if not math.isfinite(next(host)):
-                    names = _first_bad(rec, arrived, rows)
-                    raise NonFiniteWeightError("weight holds NaN or Inf", tensor=names[0],
-                                               file=file_of(names[0]), layer=rec.name)
+        host = torch.cat(checks).tolist()
+        if values and not math.isfinite(host[0]):
+            for rec in recs:
+                for arrived, vals, rows in rec.norms:
+                    if not all(torch.isfinite(v).all() for v in vals):
+                        names = _first_bad(rec, arrived, rows)
+                        raise NonFiniteWeightError("weight holds NaN or Inf", tensor=names[0],
+                                                   file=file_of(names[0]), layer=rec.name)
+        counts = iter(host[1:] if values else host)
         for rec in recs:
             for tensor, _, _ in rec.underflow:
-                flushed, nonzero = next(host), next(host)
+                flushed, nonzero = next(counts), next(counts)
                 if nonzero and flushed / nonzero > UNDERFLOW_WARN_FRACTION:
                     tracer.warning("fp8_underflow", tensor=tensor, layer=rec.name,
                                    flushed=int(flushed), nonzero=int(nonzero),
                                    fraction=round(flushed / nonzero, 6))
             rec.norms.clear()
             rec.underflow.clear()
+
+
+def scale_checked(rec: LayerRecord, config) -> dict[str, int]:
+    """The weights of ``rec`` its handler's scales check (``Handler.scale_checked``),
+    kept only where the scale's rows single out every piece of the weight."""
+    return {attr: block for attr, block in rec.handler.scale_checked(rec, config).items()
+            if _scale_locates(rec, attr, block)}
+
+
+class _ScaleRows:
+    """A scale standing for row maxima: finite exactly where its rows of the weight are."""
+
+    def __init__(self, scale: torch.Tensor, block: int):
+        self.scale, self.block = scale, block
+
+    def maxima(self) -> torch.Tensor:
+        """Broadcastable against the weight's leading dims and rows (the error path)."""
+        if self.block > 1:
+            return self.scale.repeat_interleave(self.block, dim=-2)
+        return self.scale
+
+
+def _scale_locates(rec: LayerRecord, attr: str, block: int) -> bool:
+    slot = rec.slots[attr]
+    if len(slot.shape) < 2 or not slot.dtype.is_floating_point or slot.dtype.itemsize == 1:
+        return False
+    lead, n = len(slot.shape) - 2, slot.shape[-2]
+    for piece in rec.pieces.values():
+        if rec.slot_attr(piece.param) != attr:
+            continue
+        region = piece.region
+        if not locatable(rec, piece):
+            return False
+        if len(region) <= lead:
+            continue                       # whole matrices
+        rows = region[lead]
+        if isinstance(rows, int):
+            start, stop = rows % n, rows % n + 1
+        elif isinstance(rows, slice) and rows.step in (None, 1):
+            start, stop, _ = rows.indices(n)
+        else:
+            return False
+        if block == WHOLE_MATRIX:
+            if (start, stop) != (0, n):
+                return False
+        elif start % block or (stop % block and stop != n):
+            return False
+    return True
+
+
+def _any_bad(values: list[torch.Tensor]) -> torch.Tensor:
+    """One float64 value, NaN iff any element of ``values`` is NaN or Inf (``x * 0`` is 0
+    for finite x): one concatenation and one sum per dtype."""
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for v in values:
+        groups.setdefault(v.dtype, []).append(v.reshape(-1))
+    sums = [torch.cat(group).mul_(0).sum().double().reshape(1) for group in groups.values()]
+    return sums[0] if len(sums) == 1 else torch.cat(sums).sum().reshape(1)
 
 
 def locatable(rec: LayerRecord, piece) -> bool:
@@ -140,6 +217,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
         return fp8_row_flags(t)
     if t.dim() < 2:
         return t.abs()
+    if t.is_cuda:       # one launch, and faster than aminmax there (BENCHMARKS.md)
+        return torch.linalg.vector_norm(t, ord=math.inf, dim=-1)
     # Row min and max in one pass (NaN in both, an infinity in one): 2x faster than the
     # row inf-norm on a CPU, and nothing the size of ``t`` either.
     low, high = torch.aminmax(t, dim=-1)
@@ -156,6 +235,8 @@ def _first_bad(rec: LayerRecord, arrived: list, rows: dict | None) -> tuple[str,
         for name in names:
             piece = rec.pieces[name]
             maxima = rows.get(rec.slot_attr(piece.param))
+            if isinstance(maxima, _ScaleRows):
+                maxima = maxima.maxima()
             # A region that splits rows is only logged as part of a whole-parameter
             # arrival, which wrote those whole rows: its rows single the arrival out.
             if maxima is not None and not torch.isfinite(
