@@ -245,21 +245,34 @@ def test_tile_delta_equals_full_push_after_random_tile_changes(tmp_path, engine)
 
 
 def test_tile_change_fp8_cannot_see_sends_nothing():
-    """A one-ULP change of a small value moves bf16 but no FP8 byte: no tile is sent, and
-    the next real change is still found against what the engine holds."""
+    """A one-ULP change of a value FP8 rounds to zero moves bf16 but no FP8 byte: that
+    tile is not sent, alone or beside a real change in the same weight, and the engine
+    stays exact."""
     ours, sync = _online_block()
     full, full_sync = _online_block()
     trainer = load_reference_model(SMALL, seed=1)
+    down = dict(trainer.named_parameters())[DOWN0]              # [64, 128]: 2 x 3 tiles
+    with torch.no_grad():
+        down[40, 100] = 1e-30                                   # tile (1, 2); FP8: zero
     delta = DeltaPush(BLOCK, sync, tiles=True)
     delta.push(sync, trainer)
-    _one_ulp(trainer, DOWN0)
+
+    def one_ulp():
+        with torch.no_grad():
+            down.view(torch.int16)[40, 100] += 1
+
+    one_ulp()
     delta.push(sync, trainer)
-    assert delta.report.tiles_sent == 0 and delta.report.bytes_sent == 0
-    _nudge(trainer, DOWN0)
+    report = delta.report
+    assert (report.tiles_sent, report.layers_sent, report.tensors_sent,
+            report.bytes_sent) == (0, 0, 0, 0)
+    one_ulp()
+    with torch.no_grad():
+        down[:32, :48] *= 2                                     # tile (0, 0): FP8 moves
     delta.push(sync, trainer)
     full_sync.push(trainer.named_parameters())
     assert_same_tensors(snapshot(ours), snapshot(full))
-    assert delta.report.layers_sent == 1 and delta.report.tiles_sent > 0
+    assert (delta.report.tiles_sent, delta.report.layers_sent) == (1, 1)
 
 
 def test_tile_delta_patches_stacked_experts():

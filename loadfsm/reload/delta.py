@@ -141,17 +141,15 @@ class DeltaPush:
         places = {n: tracker.place(n, p.shape) for n, p in params.items()}
         layer_of = {n: place.layer if place else self._layer_of(n)
                     for n, place in places.items()}
-        dirty, patches, moved = set(), [], []
+        dirty, tiled = set(), []
         with torch.no_grad():
             for name, param in params.items():
                 kept, place = self._raw.get(name), places[name]
-                if place is None or name not in tracker.sent:
-                    if not _same(kept, param):
-                        dirty.add(layer_of[name])
-                    continue
-                patch, what = tracker.changed(name, param, kept, place)
-                patches += [patch] if patch is not None else []
-                moved += [what] if what is not None else []
+                if place is not None and name in tracker.sent:
+                    tiled.append((name, param, kept, place))
+                elif not _same(kept, param):
+                    dirty.add(layer_of[name])
+            patches, moved = tracker.changed(tiled)
             whole = [n for n in params if layer_of[n] in dirty]
             delta = TileDelta(self._whole_items(model, whole, dirty),
                               [p for p in patches if p.layer not in dirty])

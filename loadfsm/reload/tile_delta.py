@@ -6,7 +6,8 @@ expert, first tile row: a fused q/k/v or a per-expert checkpoint tensor is part 
 engine weight). A step compares the parameter with its bf16 copy tile by tile on its
 device, quantizes only the tiles that moved (``quantize_tiles``: the bytes the engine's
 quantization gives them), and keeps those whose FP8 bytes or scale differ from what was
-sent. Two host syncs per moved tensor read how many of its tiles moved; none per tile.
+sent. Two host syncs per push read how many tiles of each parameter moved; none per tile
+or per tensor, and one quantization covers the moved tiles of every parameter.
 """
 
 from __future__ import annotations
@@ -69,23 +70,38 @@ class TileTracker:
             self._places[name] = self._find(name, shape)
         return self._places[name]
 
-    def changed(self, name: str, param: torch.Tensor, kept: torch.Tensor,
-                place: Place) -> tuple[TilePatch | None, Moved | None]:
-        """The patch of ``param``'s tiles whose FP8 changed since sent (``None``: none),
-        and what moved in bf16 (``None``: nothing), for ``commit``."""
-        index = tile_mask(kept, param, self.block).nonzero()       # the one host sync
-        if not len(index):
-            return None, None
-        fresh = gather_tiles(param.detach(), index, self.block)
-        q, scale = quantize_tiles(fresh, self.block)
-        sent_q, sent_scale = self.sent[name]
-        sent_tiles = gather_tiles(sent_q, index, self.block)
-        sent_scales = sent_scale[index.unbind(1)]
-        differs = (tile_mask(sent_tiles, q, self.block).view(-1)
-                   | (sent_scales.view(torch.int32) != scale.view(torch.int32)))
-        keep = differs.nonzero().view(-1)
-        patch = place.patch(index[keep], q[keep], scale[keep]) if len(keep) else None
-        return patch, (name, index, fresh, q, scale)
+    def changed(self, params: list[tuple[str, torch.Tensor, torch.Tensor, Place]]
+                ) -> tuple[list[TilePatch], list[Moved]]:
+        """For ``(name, parameter, bf16 copy as sent, place)`` of block-FP8 parameters:
+        the patches of tiles whose FP8 changed since sent, and what moved in bf16 (for
+        ``commit``). Two host syncs in all, each reading one count per parameter."""
+        block = self.block
+        masks = [tile_mask(kept, param, block) for _, param, kept, _ in params]
+        counts = _counts(masks)                                          # host sync 1
+        moved = [(name, param, place, torch.nonzero_static(mask, size=count))
+                 for (name, param, _, place), mask, count in zip(params, masks, counts)
+                 if count]
+        if not moved:
+            return [], []
+        fresh = [gather_tiles(param.detach(), index, block) for _, param, _, index in moved]
+        q, scale = quantize_tiles(torch.cat(fresh), block)
+        sent_q = torch.cat([gather_tiles(self.sent[name][0], index, block)
+                            for name, _, _, index in moved])
+        sent_scale = torch.cat([self.sent[name][1][index.unbind(1)]
+                                for name, _, _, index in moved])
+        differs = (tile_mask(sent_q, q, block).view(-1)
+                   | (sent_scale.view(torch.int32) != scale.view(torch.int32)))
+        sizes = [len(index) for *_, index in moved]
+        parts = differs.split(sizes)
+        patches, done = [], []
+        for (name, _, place, index), new, q_part, s_part, part, count in zip(
+                moved, fresh, q.split(sizes), scale.split(sizes), parts,
+                _counts(parts)):                                         # host sync 2
+            if count:
+                keep = torch.nonzero_static(part, size=count).view(-1)
+                patches.append(place.patch(index[keep], q_part[keep], s_part[keep]))
+            done.append((name, index, new, q_part, s_part))
+        return patches, done
 
     def whole(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The FP8 form of ``param`` sent whole (what the engine makes of it)."""
@@ -121,3 +137,8 @@ class TileTracker:
             raise ValueError(f"{name} feeds {rec.name}.{attr} at {region}: tile deltas need "
                              f"parts of whole {bn}-row tiles")
         return Place(rec.name, attr, expert, start // bn)
+
+
+def _counts(masks: list[torch.Tensor]) -> list[int]:
+    """How many are set in each of ``masks``: one host sync for all."""
+    return torch.stack([mask.sum() for mask in masks]).tolist() if masks else []
