@@ -1,12 +1,14 @@
 """Scaling benchmark: the costs the unit tests bound by counting work, here timed.
 
-    python benchmarks/scaling_bench.py [--repeat 3] [--json]
+    python benchmarks/scaling_bench.py [--repeat 3] [--json] [--only planning]
 
   push      WeightSync.push of k layers of an n-layer model (many 16x16 linears, FP8):
             8 of 8, 8 of 512, 512 of 512; linear cost gives few_of_many ~ 1x the baseline
             and all_of_many ~ 64x (tests/test_weight_sync.py counts it)
   planning  LoadSession over 1,000 and 100,000 one-norm layers: linear gives ~100x
-            (tests/test_states.py counts it)
+            (tests/test_states.py counts it); and at 100,000 the same followed by a
+            full gc.collect(): planning holds the collector's full passes back, this
+            pays the one it left (an upper bound: it scans the model's objects too)
   in_flight an FP8 load of a one-layer MoE whose arrivals interleave every layer, at 32,
             256 and 1,024 experts: seconds per added arrival between the sizes; O(1) per
             arrival keeps high/low ~ 1 (tests/test_in_flight.py counts it)
@@ -16,6 +18,7 @@ Times are the best of ``--repeat`` runs on CPU; ratios are what to compare.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from dataclasses import replace
@@ -68,13 +71,21 @@ def bench_push(repeat: int) -> dict:
 
 
 def bench_planning(repeat: int) -> dict:
-    def plan(n):
+    def plan(n, collect=False):
         with torch.device("meta"):
             model = ManyNorms(n)
-        return _best(lambda: loadfsm.LoadSession(model, device="cpu"), repeat)
+
+        def once():
+            session = loadfsm.LoadSession(model, device="cpu")
+            if collect:
+                gc.collect()
+            return session
+
+        return _best(once, repeat)
 
     small, large = plan(1_000), plan(100_000)
-    return {"layers_1k_s": small, "layers_100k_s": large, "ratio": large / small}
+    return {"layers_1k_s": small, "layers_100k_s": large, "ratio": large / small,
+            "layers_100k_then_full_gc_s": plan(100_000, collect=True)}
 
 
 def _moe(experts: int):
@@ -116,14 +127,19 @@ def bench_in_flight(repeat: int) -> dict:
             "low_s_per_arrival": low, "high_s_per_arrival": high, "ratio": high / low}
 
 
+_BENCHES = {"push": bench_push, "planning": bench_planning, "in_flight": bench_in_flight}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks/scaling_bench.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--only", action="append", choices=sorted(_BENCHES),
+                        help="run this one (repeatable); default: all")
     args = parser.parse_args(argv)
-    result = {"push": bench_push(args.repeat), "planning": bench_planning(args.repeat),
-              "in_flight": bench_in_flight(args.repeat)}
+    result = {name: bench(args.repeat) for name, bench in _BENCHES.items()
+              if not args.only or name in args.only}
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 

@@ -1,8 +1,9 @@
 """The per-layer record and the one machine that moves every record.
 
 ``transitions``' ``Machine.add_model`` scans its model list, so adding 100k
-layers is quadratic. We build one class-level machine with no models and fire
-its events on plain records directly: planning is O(layers), a trigger O(1).
+layers is quadratic. We build one class-level machine with no models and read
+its moves once into a table that fires on plain records directly: planning is
+O(layers), a trigger O(1) and one dict lookup.
 """
 
 from __future__ import annotations
@@ -20,6 +21,15 @@ from .states import TRANSITIONS, LayerState
 
 LAYER_MACHINE = Machine(model=None, states=LayerState, transitions=TRANSITIONS,
                         initial=LayerState.META, auto_transitions=False)
+
+# trigger -> {source -> destination}: the machine's own moves (the table has no conditions
+# and no callbacks), so a trigger skips ``Event.trigger``'s per-call EventData and
+# callback resolution and ``Machine.set_state``'s state lookups (2 us a move; the FSM is
+# on every arrival of a load and a push).
+_MOVES: dict[str, dict[LayerState, LayerState]] = {
+    trigger: {LayerState[source]: LayerState[moves[0].dest]
+              for source, moves in event.transitions.items()}
+    for trigger, event in LAYER_MACHINE.events.items()}
 
 
 @dataclass(eq=False)
@@ -61,7 +71,7 @@ class LayerRecord:
     results: dict[str, torch.Tensor] = field(default_factory=dict)  # handler output
     staging_bytes: int = 0
     final_bytes: int = 0
-    aliased: bool = False          # staging is the pushed tensor itself (see _can_alias)
+    aliased: bool = False          # staging is the arriving tensor itself (see _can_alias)
     norms: list = field(default_factory=list)   # pending NaN/Inf checks (see finiteness)
     # what arrived since staging, in order (a ckpt name, or a tuple of names written at once):
     # the layer's NaN/Inf check at completion covers them and names the first bad one
@@ -80,23 +90,17 @@ class LayerRecord:
         return self.attr_of[full_name]
 
     def fire(self, trigger: str) -> tuple[LayerState, LayerState]:
-        """Move the record by ``trigger``; returns (src, dst). Illegal moves raise.
-
-        The move is the layer machine's own: its event's transition for the current
-        state, applied with ``Machine.set_state``. The table has no conditions and no
-        callbacks, so ``Event.trigger``'s per-call EventData and callback resolution
-        (tens of microseconds, most of a weight push's CPU time) are skipped.
-        """
+        """Move the record by ``trigger``; returns (src, dst). Illegal moves raise."""
         src = self.state
-        event = LAYER_MACHINE.events.get(trigger)
-        if event is None:
+        moves = _MOVES.get(trigger)
+        if moves is None:
             raise IllegalTransitionError(f"unknown trigger {trigger!r}", layer=self.name)
-        moves = event.transitions.get(src.name)
-        if not moves:
+        dst = moves.get(src)
+        if dst is None:
             raise IllegalTransitionError(
                 f"trigger {trigger!r} is not allowed in state {src.name}", layer=self.name)
-        LAYER_MACHINE.set_state(moves[0].dest, model=self)
-        return src, self.state
+        self.state = dst
+        return src, dst
 
     def required_missing(self) -> list[str]:
         """Checkpoint names still due that have no default, sorted."""

@@ -7,7 +7,9 @@ checkpoint's headers (names, shapes, dtypes) without reading tensor data.
 
 from __future__ import annotations
 
+import gc
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
@@ -58,23 +60,46 @@ def is_kernel_module(module: nn.Module) -> bool:
     return callable(getattr(type(module), "full_precision_slots", None))
 
 
-def _loadable(module: nn.Module):
-    """What a checkpoint can feed: ``(attr, tensor, shape, dtype, is_buffer)``.
+def _loadable(module: nn.Module, kernel: bool) -> list:
+    """What a checkpoint can feed: ``[(attr, tensor, shape, dtype, is_buffer)]``.
 
     Direct parameters and persistent buffers, unless the module says otherwise
-    through ``full_precision_slots()``: an FP8 module that loadfsm installed is fed
-    the bf16 weights its FP8 tensors are made from (a weight push re-plans this way).
+    through ``full_precision_slots()`` (``kernel``: ``is_kernel_module``): an FP8
+    module that loadfsm installed is fed the bf16 weights its FP8 tensors are made
+    from (a weight push re-plans this way).
     """
-    if is_kernel_module(module):
-        for attr, (shape, dtype) in module.full_precision_slots().items():
-            yield attr, getattr(module, attr), torch.Size(shape), dtype, False
+    if kernel:
+        return [(attr, getattr(module, attr), torch.Size(shape), dtype, False)
+                for attr, (shape, dtype) in module.full_precision_slots().items()]
+    found = [(attr, param, param.shape, param.dtype, False)
+             for attr, param in module._parameters.items() if param is not None]
+    if module._buffers:
+        skip = module._non_persistent_buffers_set
+        found += [(attr, buf, buf.shape, buf.dtype, True)
+                  for attr, buf in module._buffers.items()
+                  if buf is not None and attr not in skip]
+    return found
+
+
+_PAUSED = 1 << 30      # the oldest generation's threshold while a plan is built
+
+
+@contextmanager
+def _collector_paused():
+    """Planning makes about fifteen long-lived objects per layer and no garbage; CPython's
+    cyclic collector, run by allocation counts, would scan the whole heap three or four
+    times over a 100k-layer plan to find nothing (half of its time). Its full passes wait
+    for the build (the young generations still run), then the thresholds are as they
+    were; a plan made inside another's pause leaves the pause to the outer one."""
+    young, middle, oldest = gc.get_threshold()
+    if oldest == _PAUSED:
+        yield
         return
-    for attr, param in module._parameters.items():
-        if param is not None:
-            yield attr, param, param.shape, param.dtype, False
-    for attr, buf in module._buffers.items():
-        if buf is not None and attr not in module._non_persistent_buffers_set:
-            yield attr, buf, buf.shape, buf.dtype, True
+    gc.set_threshold(young, middle, _PAUSED)
+    try:
+        yield
+    finally:
+        gc.set_threshold(young, middle, oldest)
 
 
 def plan_layers(model: nn.Module, choose: Callable[[str, nn.Module], Any],
@@ -91,18 +116,36 @@ def plan_layers(model: nn.Module, choose: Callable[[str, nn.Module], Any],
         custom = getattr(model, "checkpoint_pieces", None)
         pieces = custom() if callable(custom) else ()
     pieces = list(pieces)
+    with _collector_paused():
+        layers, slot_owner, tied = _plan_modules(model, choose, pieces, config)
+        by_ckpt = _plan_pieces(slot_owner, tied, pieces)
+    # A tied alias is a checkpoint name too: used only when its canonical is absent.
+    tied = {alias: canonical for alias, canonical in tied.items() if canonical in by_ckpt}
+    return Plan(layers, by_ckpt, tied)
+
+
+def _plan_modules(model: nn.Module, choose, pieces: list[Piece], config):
+    """The records, in model order, with their slots (``pieces`` gains the pieces that
+    handlers plan); every slot by its full name; tied alias -> canonical name."""
     by_param: dict[str, list[Piece]] = {}
     for piece in pieces:
         by_param.setdefault(piece.param, []).append(piece)
     first_name: dict[int, TensorSlot] = {}
     tied: dict[str, str] = {}
     layers: dict[str, LayerRecord] = {}
+    slot_owner: dict[str, tuple[LayerRecord, TensorSlot]] = {}
     by_module: dict[int, LayerRecord] = {}
+    kernel_class: dict[type, bool] = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):
         seen = by_module.get(id(module))
         if seen is not None:            # a module shared by two parents: both names
             seen.names.append(mod_name)
-        loadable = list(_loadable(module))
+        kernel = kernel_class.get(type(module))
+        if kernel is None:
+            kernel = kernel_class[type(module)] = is_kernel_module(module)
+        if not (kernel or module._parameters or module._buffers):
+            continue
+        loadable = _loadable(module, kernel)
         if not loadable:
             continue
         handler = choose(mod_name, module)
@@ -133,9 +176,15 @@ def plan_layers(model: nn.Module, choose: Callable[[str, nn.Module], Any],
                                                                      slots)
             if mod_name:
                 rec.names.append(mod_name)
+            for slot in slots.values():
+                slot_owner[slot.full_name] = (rec, slot)
+    return layers, slot_owner, tied
 
-    slot_owner = {slot.full_name: (rec, slot) for rec in layers.values()
-                  for slot in rec.slots.values()}
+
+def _plan_pieces(slot_owner: dict[str, tuple[LayerRecord, TensorSlot]],
+                 tied: dict[str, str], pieces: list[Piece]) -> dict[str, LayerRecord]:
+    """Give every slot its pieces: the named ones first, in their order, then one whole
+    piece of the same name for each slot no piece names. Returns ckpt name -> layer."""
     by_ckpt: dict[str, LayerRecord] = {}
     named: set[str] = set()
     for piece in pieces:
@@ -150,14 +199,12 @@ def plan_layers(model: nn.Module, choose: Callable[[str, nn.Module], Any],
     for full, (rec, slot) in slot_owner.items():
         if full not in named:
             _add_piece(by_ckpt, rec, slot, Piece(full, full))
-    for rec in layers.values():
-        for slot in rec.slots.values():
-            if slot.covered > slot.numel:
-                raise ValueError(f"pieces of {slot.full_name} overlap: they cover "
+    if named:                           # only named pieces can overlap
+        for full, (_, slot) in slot_owner.items():
+            if full in named and slot.covered > slot.numel:
+                raise ValueError(f"pieces of {full} overlap: they cover "
                                  f"{slot.covered} elements of {slot.numel}")
-    # A tied alias is a checkpoint name too: used only when its canonical is absent.
-    tied = {alias: canonical for alias, canonical in tied.items() if canonical in by_ckpt}
-    return Plan(layers, by_ckpt, tied)
+    return by_ckpt
 
 
 def _add_piece(by_ckpt, rec: LayerRecord, slot: TensorSlot, piece: Piece) -> None:

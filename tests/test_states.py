@@ -1,12 +1,17 @@
 """The layer machine: its table, illegal moves, and the cost of planning at scale."""
 
+import gc
+
 import pytest
 import torch
 from torch import nn
 
 import loadfsm
+from loadfsm.handlers.base import Handler
 from loadfsm.layer import LayerRecord
 from loadfsm import LoadSession
+from loadfsm.pieces import Piece
+from loadfsm.plan import _collector_paused, plan_layers
 from loadfsm.states import TRANSITIONS, LayerState
 from op_count import lines_run
 
@@ -55,6 +60,25 @@ def test_table_has_one_row_per_trigger_and_source():
             seen.add((row["trigger"], source))
 
 
+def test_fire_moves_exactly_as_the_table_says():
+    """Every trigger from every state: the table's destination, or IllegalTransitionError."""
+    table = {}
+    for row in TRANSITIONS:
+        sources = row["source"] if isinstance(row["source"], list) else [row["source"]]
+        table.update({(row["trigger"], source): row["dest"] for source in sources})
+    for trigger in {row["trigger"] for row in TRANSITIONS}:
+        for state in LayerState:
+            rec = _record()
+            rec.state = state
+            if (trigger, state) in table:
+                assert rec.fire(trigger) == (state, table[trigger, state])
+                assert rec.state is table[trigger, state]
+            else:
+                with pytest.raises(loadfsm.IllegalTransitionError, match=state.name):
+                    rec.fire(trigger)
+                assert rec.state is state
+
+
 class _Many(nn.Module):
     def __init__(self, n):
         super().__init__()
@@ -90,3 +114,38 @@ def test_abandon_returns_an_unfinished_first_load_to_meta_never_a_finalized_laye
         rec.fire(trigger)
     with pytest.raises(loadfsm.IllegalTransitionError, match="abandon"):
         rec.fire("abandon")
+
+
+def _choose_noting_thresholds(seen):
+    def choose(name, module):
+        seen.append(gc.get_threshold())
+        return Handler()
+    return choose
+
+
+def test_planning_holds_back_full_collections_and_restores_the_thresholds():
+    """While planning builds its records the cyclic collector's full passes wait (they would
+    scan the whole heap several times over a 100k-layer plan); its thresholds come back."""
+    with torch.device("meta"):
+        model = _Many(3)
+    before, seen = gc.get_threshold(), []
+    plan_layers(model, _choose_noting_thresholds(seen))
+    assert len(seen) == 3 and all(t[:2] == before[:2] and t[2] > before[2] for t in seen)
+    assert gc.get_threshold() == before
+    with pytest.raises(ValueError, match="lacks"):
+        plan_layers(model, _choose_noting_thresholds(seen), [Piece("x", "no.such.param")])
+    assert gc.get_threshold() == before
+
+
+def test_overlapping_plans_leave_the_collector_as_it_was():
+    """Two plans whose pauses overlap and end in either order (two threads) never leave
+    the collector paused."""
+    before = gc.get_threshold()
+    for first_out in (0, 1):
+        pauses = [_collector_paused(), _collector_paused()]
+        for pause in pauses:
+            pause.__enter__()
+        assert gc.get_threshold()[2] > before[2]
+        for pause in (pauses[first_out], pauses[1 - first_out]):
+            pause.__exit__(None, None, None)
+        assert gc.get_threshold() == before
