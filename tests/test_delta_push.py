@@ -171,11 +171,11 @@ def _fp8_weights(model):
             if n.endswith(("proj.weight", "gate_up_proj", "down_proj")) and "lm_head" not in n}
 
 
-def _change_tiles(trainer, count, generator):
+def _change_tiles(trainer, count, generator, block=BLOCK.block_size):
     """Scale ``count`` random tiles (any one can be ragged); a third of them only in one
     element, so that their scale may stay and only some bytes move."""
     weights = list(_fp8_weights(trainer).items())
-    bn, bk = BLOCK.block_size
+    bn, bk = block
     with torch.no_grad():
         for _ in range(count):
             _, w = weights[int(torch.randint(len(weights), (1,), generator=generator))]
@@ -189,10 +189,10 @@ def _change_tiles(trainer, count, generator):
                 w[(*lead, rows, cols)] *= 1.25
 
 
-def _tiles_changed(before, after):
+def _tiles_changed(before, after, block=BLOCK.block_size):
     """Tiles whose FP8 bytes or scale differ between two engine snapshots, counted one
     by one (independent of the code under test)."""
-    bn, bk = BLOCK.block_size
+    bn, bk = block
     count = 0
     for name, scale in _tile_scales(after).items():
         weight = name[:-len("_scale")]
@@ -532,3 +532,42 @@ def test_nan_in_a_trainer_tile_fails_and_the_next_push_is_full():
     fresh, fresh_sync = _online_block()
     fresh_sync.push(trainer.named_parameters())
     assert_same_tensors(snapshot(ours), snapshot(fresh))
+
+
+# -- tile deltas on CUDA ------------------------------------------------------------------
+CUDA_CASES = {"tiny-128x128": ("tiny", Fp8Config(granularity="block")),
+              "small-ragged": (SMALL, BLOCK)}
+
+
+def _cuda_engine(config, quant):
+    model = build_model(config)
+    loadfsm.load(model, reference_state_dict(config, 0).items(), quant=quant, device="cuda")
+    return model, loadfsm.WeightSync(model)
+
+
+def _on_cpu(model):
+    return {name: t.cpu() for name, t in snapshot(model).items()}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", CUDA_CASES)
+def test_tile_delta_on_cuda_equals_full_push(case):
+    """On CUDA: random tile changes, trainer and engine on the device; every step sends
+    exactly the tiles a full push changes and ends bit-identical to it, no address moved."""
+    config, quant = CUDA_CASES[case]
+    (ours, sync), (full, full_sync) = _cuda_engine(config, quant), _cuda_engine(config, quant)
+    where = addresses(ours)
+    trainer = load_reference_model(config, seed=1).to("cuda")
+    delta = DeltaPush(quant, sync, tiles=True)
+    delta.push(sync, trainer)
+    full_sync.push(trainer.named_parameters())
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        _change_tiles(trainer, 6, generator, quant.block_size)
+        before = _on_cpu(full)
+        delta.push(sync, trainer)
+        full_sync.push(trainer.named_parameters())
+        after = _on_cpu(full)
+        assert_same_tensors(_on_cpu(ours), after)
+        assert delta.report.tiles_sent == _tiles_changed(before, after, quant.block_size) > 0
+    assert addresses(ours) == where
