@@ -27,6 +27,10 @@ from .landing import PieceLayout, layout_of, piece_view
 from .warmup import KernelWarmup
 
 _PARTIAL = LayerState.PARTIAL
+# A plain layer whose pushed tensor is at least this large commits it straight from the
+# trainer's memory (no staging copy: 2 bytes moved per byte saved) at the cost of one
+# device sync; below it the copy is cheaper than the sync.
+BORROW_MIN_BYTES = 256 << 20
 
 
 class ArrivalDriver:
@@ -34,8 +38,10 @@ class ArrivalDriver:
 
     ``reloading`` is set by a reload transaction for the length of a push: staging may
     alias a pushed tensor, results are counted as extra bytes until committed, and the
-    first-load-only trace events and underflow counts are skipped. ``owned_arrivals`` is
-    set by a load whose source hands its device tensors over (``Source.owned_arrivals``).
+    first-load-only trace events and underflow counts are skipped. ``borrowing`` (a push
+    that commits layer by layer) lets a plain layer keep a large pushed tensor as its
+    staging, committed before the next tensor is asked for. ``owned_arrivals`` is set by
+    a load whose source hands its device tensors over (``Source.owned_arrivals``).
     """
 
     def __init__(self, plan: Plan, *, device: torch.device, config, ledger: MemoryLedger,
@@ -47,6 +53,7 @@ class ArrivalDriver:
         self.on_quantized = on_quantized
         self.reloading = False
         self.owned_arrivals = False
+        self.borrowing = False
         self.warmup: KernelWarmup | None = None     # waited for before the first quantize
         self.file_of: Callable[[str], str | None] = lambda name: None
         self.in_flight: dict[str, LayerRecord] = {}
@@ -187,15 +194,25 @@ class ArrivalDriver:
         """Whether ``tensor``, the whole of a one-slot layer already on the device in the
         slot's dtype, can be the layer's staging instead of being copied into one: in a
         reload when the handler makes new tensors of it (FP8: those are held and
-        committed, never the caller's tensor itself); in a load when the source handed
+        committed, never the caller's tensor itself) or, ``borrowing``, when it is large
+        enough that a copy costs more than committing the layer at once (the session
+        does, before the caller's iterator moves on); in a load when the source handed
         the tensor over (``owned_arrivals``: it is the session's to keep)."""
-        if (into.region or len(rec.slots) != 1 or len(names) != len(rec.missing)
-                or not (rec.handler.makes_new_tensors if self.reloading
-                        else self.owned_arrivals)):
+        if into.region or len(rec.slots) != 1 or len(names) != len(rec.missing):
+            return False
+        if self.reloading:
+            if not (rec.handler.makes_new_tensors
+                    or (self.borrowing and nbytes(tensor) >= BORROW_MIN_BYTES)):
+                return False
+        elif not self.owned_arrivals:
             return False
         slot = next(iter(rec.slots.values()))
         return (tensor.device == self.device and tensor.dtype == slot.dtype
                 and tensor.shape == slot.shape and tensor.is_contiguous())
+
+    def borrowed(self, rec: LayerRecord) -> bool:
+        """Whether ``rec``'s results are a pushed tensor itself (``borrowing``)."""
+        return rec.aliased and self.reloading and not rec.handler.makes_new_tensors
 
     def _route_unplanned(self, name: str) -> LayerRecord | None:
         """A name the plan does not know: a tied alias, or unexpected."""

@@ -157,7 +157,8 @@ class LoadSession:
 
     # -- QUANTIZED -> FINALIZED ----------------------------------------------------------
     def _hold(self, rec: LayerRecord) -> None:
-        if self.batch.hold(rec):
+        # A borrowed tensor is the caller's: committed before its iterator moves on.
+        if self.batch.hold(rec) or self.driver.borrowed(rec):
             self.commit_held()
 
     def commit_held(self) -> None:

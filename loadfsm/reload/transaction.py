@@ -35,6 +35,7 @@ class ReloadTransaction:
         session, ledger = self.session, self.session.ledger
         session.transaction = self
         session.driver.reloading = True
+        session.driver.borrowing = not self.hold_all
         session.batch.take()
         session.batch.hold_all = self.hold_all
         if self.commit_bytes is not None:
@@ -48,6 +49,7 @@ class ReloadTransaction:
         session.batch.take()
         session.batch.hold_all = False
         session.driver.reloading = False
+        session.driver.borrowing = False
         session.transaction = None
         self.peak_extra = ledger.peak - self._base
         ledger.peak = max(self._outer_peak, ledger.peak)
