@@ -81,3 +81,20 @@ def test_an_error_in_the_reader_reaches_the_consumer_at_its_tensor(source, monke
         for name, _ in source.read(None):
             seen.append(name)
     assert seen == sorted(STATE)[:4] and _readers() == 0
+
+
+def test_the_prefetch_hints_every_byte_ahead_and_no_thread_outlives_the_read(source,
+                                                                            monkeypatch):
+    """Every tensor's bytes are hinted to the kernel (in pieces, from threads of their
+    own), before or while the reader reads them; the hint threads end with the read."""
+    monkeypatch.setattr(safetensors_dir, "PREFETCH_PIECE", 4096)
+    hinted = []
+    monkeypatch.setattr(ShardFile, "prefetch",
+                        lambda self, offset, nbytes: hinted.append((offset, nbytes)))
+    got = [(n, t.clone()) for n, t in source.read(None)]
+    assert all(torch.equal(t, STATE[n]) for n, t in got)
+    shard = source.shard(sorted(STATE)[0])
+    expected = sorted((shard.offsets[n] + at, min(4096, 64 * 64 * 4 - at))
+                      for n in STATE for at in range(0, 64 * 64 * 4, 4096))
+    assert sorted(hinted) == expected
+    assert not [t for t in threading.enumerate() if t.name.startswith("loadfsm-prefetch")]

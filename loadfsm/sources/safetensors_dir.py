@@ -30,6 +30,8 @@ from .shard_file import MIN_CHUNK_BYTES, READ_THREADS, ShardFile
 RING_BYTES = 128 << 20
 READ_AHEAD = 3               # ring buffers: one being copied, the next ones being read
 PREFETCH_BYTES = 1 << 30     # how far ahead of the reader the kernel is asked to read
+PREFETCH_PIECE = 64 << 20    # bytes per hint
+PREFETCH_THREADS = 4
 _END = object()
 
 
@@ -167,6 +169,8 @@ class SafetensorsSource:
             ready.put(exc)
         else:
             ready.put(_END)
+        finally:
+            prefetch.close()
 
     def _read_large(self, entry: TensorEntry, ring: PinnedRing, large: "_Large",
                     stop: threading.Event) -> tuple[torch.Tensor | None, object]:
@@ -215,14 +219,16 @@ class SafetensorsSource:
 
 class _Prefetch:
     """Keeps the kernel reading ``PREFETCH_BYTES`` ahead of the reader thread: on a cold
-    page cache the disk then always has the next tensors queued, where one thread's
-    reads would leave it idle between tensors."""
+    page cache the disk then always has the next tensors queued, where the reader's own
+    reads would leave it idle between tensors. The hints (``POSIX_FADV_WILLNEED``) block
+    while the kernel queues the reads, so threads of their own issue them, in pieces."""
 
     def __init__(self, source: SafetensorsSource, names: list[str]):
         self._source, self._names = source, names
         self._next = 0            # the first name not yet prefetched
         self._hinted = 0          # bytes of the names prefetched so far
         self._read = 0            # bytes of the names before the one being read
+        self._pool = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="loadfsm-prefetch")
 
     def ahead_of(self, name: str) -> None:
         """``name`` is about to be read: keep the prefetch that far ahead of it."""
@@ -230,10 +236,17 @@ class _Prefetch:
         while self._next < len(self._names) and self._hinted < self._read + PREFETCH_BYTES:
             entry = entries[self._names[self._next]]
             shard = self._source._open(entry.file)
-            shard.prefetch(shard.offsets[entry.name], entry.nbytes)
+            start = shard.offsets[entry.name]
+            for at in range(0, entry.nbytes, PREFETCH_PIECE):
+                self._pool.submit(shard.prefetch, start + at,
+                                  min(PREFETCH_PIECE, entry.nbytes - at))
             self._hinted += entry.nbytes
             self._next += 1
         self._read += entries[name].nbytes
+
+    def close(self) -> None:
+        """No hint outlives the read (the files close after it)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Large:
