@@ -9,9 +9,11 @@ F=$PWD; B=$PWD/.base; O=${OUT:-/tmp/out}; mkdir -p "$O" /tmp/pq
 new() { env PYTHONPATH=/tmp/site:$F "$@"; }
 new timeout 300 python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/test_fp8_cuda.py \
     tests/test_load_cuda.py tests/test_sync_cuda.py tests/test_int8_cuda.py \
-    tests/test_prequantized_cuda.py tests/test_finiteness_memory.py 2>&1 | tail -5 | tee "$O/tests.txt"
+    tests/test_prequantized_cuda.py tests/test_finiteness_memory.py \
+    tests/test_fp8_block_forward_cuda.py tests/test_warmup.py 2>&1 | tail -5 | tee "$O/tests.txt"
 new timeout 150 python3 -m pytest -q -p no:cacheprovider -p no:warnings -k cuda \
-    tests/test_colocated.py tests/test_weight_versions.py 2>&1 | tail -3 | tee -a "$O/tests.txt"
+    tests/test_colocated.py tests/test_weight_versions.py tests/test_delta_push.py 2>&1 \
+    | tail -3 | tee -a "$O/tests.txt"
 # From /tmp: `python -m` puts the current folder first on sys.path, ahead of PYTHONPATH.
 cd /tmp
 new python3 -c "from loadfsm.testing import write_checkpoint; write_checkpoint('llama-8b', '/tmp/ck', max_shard_bytes=1 << 30)"
@@ -32,6 +34,11 @@ new timeout 120 python3 $F/benchmarks/colocated_bench.py --model llama-8b-4l --d
     --repeat 3 --json | tail -1 | tee "$O/colocated.jsonl"
 new timeout 100 python3 $F/benchmarks/push_names_bench.py --device cuda --repeat 3 --json | tail -1 \
     | tee "$O/push_names.jsonl"
-new timeout 60 python3 $F/benchmarks/delta_bench.py --device cuda --repeat 5 --json | tail -1 \
-    | tee "$O/delta.jsonl"
+for mode in layers tiles; do
+  new timeout 90 python3 $F/benchmarks/delta_bench.py --model llama-8b-4l --mode $mode \
+      --device cuda --repeat 5 --json | tail -1 | tee -a "$O/delta.jsonl"
+done
+# transformers >= 5.24 carried as a wheel (the image has 5.17); accelerate is in the image.
+new timeout 200 python3 $F/benchmarks/first_load.py --dir /tmp/ck --repeat 2 --json \
+    | tee "$O/first_load.txt"
 new timeout 60 python3 $F/benchmarks/int8_bench.py --device cuda --json | tail -1 | tee "$O/int8.jsonl"
