@@ -24,20 +24,31 @@ _LOCKS_GUARD = threading.Lock()
 
 @contextmanager
 def deferred_interrupts() -> Iterator[None]:
-    """Run the body with SIGINT held; a SIGINT that arrived is delivered at the end."""
+    """Run the body with SIGINT held; a SIGINT that arrived is delivered at the end.
+    Inside another deferred section it costs nothing: the outer one delivers."""
     if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is None):     # a handler not set from Python
+            or signal.getsignal(signal.SIGINT) is None             # not set from Python
+            or isinstance(signal.getsignal(signal.SIGINT), _Held)):   # already held
         yield
         return
     received: list[tuple[int, object]] = []
-    previous = signal.signal(signal.SIGINT,
-                             lambda signum, frame: received.append((signum, frame)))
+    previous = signal.signal(signal.SIGINT, _Held(received))
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
         if received:
             _deliver(previous, *received[0])
+
+
+class _Held:
+    """The SIGINT handler of a deferred section: notes the signal for the end."""
+
+    def __init__(self, received: list):
+        self.received = received
+
+    def __call__(self, signum: int, frame) -> None:
+        self.received.append((signum, frame))
 
 
 def _deliver(handler, signum: int, frame) -> None:

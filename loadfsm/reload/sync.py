@@ -192,7 +192,8 @@ class WeightSync:
                             peak_extra_bytes=push.peak_extra, committed=push.committed,
                             version=version)
         self.version = version
-        session.tracer.event("push_complete", **report.to_dict())
+        if session.tracer.enabled:      # asdict costs more than a small push's commits
+            session.tracer.event("push_complete", **report.to_dict())
         return report
 
     @contextmanager
