@@ -9,7 +9,7 @@ Side by side in one run, the same bf16 tensors each time:
   ipc_copy    the same transport, the engine only copying each view into a same-sized
               tensor: moving the bytes between the processes, no push
   checksum    layer_checksums of the engine after the push (GB/s of its live bytes)
-GB/s of bf16 input (median of ``--repeat``); ratios are what to compare. On one GPU both
+GB/s of bf16 input (median of ``--repeat``, the three alternating); ratios are what to compare. On one GPU both
 processes share device 0.
 """
 
@@ -69,16 +69,20 @@ class _CopySink:
             self.targets[name].copy_(view, non_blocking=True)
 
 
-def _timed(fn, device: torch.device, repeat: int) -> float:
-    fn()                                   # warm-up: buckets shared, kernels compiled
-    times = []
+def _timed(fns: dict, device: torch.device, repeat: int) -> dict[str, float]:
+    """Median seconds of each of ``fns``, run in turn ``repeat`` times (alternating, so a
+    busy machine slows them alike)."""
+    for fn in fns.values():
+        fn()                               # warm-up: buckets shared, kernels compiled
+    times = {key: [] for key in fns}
     for _ in range(repeat):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for key, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[key].append(time.perf_counter() - t0)
+    return {key: statistics.median(seconds) for key, seconds in times.items()}
 
 
 def run(args) -> dict:
@@ -106,10 +110,11 @@ def run(args) -> dict:
         receiver.receive()
 
     try:
-        timings = {"in_process": _timed(lambda: sync.push(tensors), device, args.repeat),
-                   "colocated": _timed(lambda: colocated(sync), device, args.repeat),
-                   "ipc_copy": _timed(lambda: colocated(sink), device, args.repeat)}
-        checksum_s = _timed(lambda: layer_checksums(sync), device, args.repeat)
+        timings = _timed({"in_process": lambda: sync.push(tensors),
+                          "colocated": lambda: colocated(sync),
+                          "ipc_copy": lambda: colocated(sink)}, device, args.repeat)
+        checksum_s = _timed({"checksum": lambda: layer_checksums(sync)}, device,
+                            args.repeat)["checksum"]
     finally:
         control.send(None)
         trainer.join(timeout=120)

@@ -2,17 +2,19 @@
 process), which pushes views of them into its WeightSync; the same code as CUDA IPC."""
 
 import multiprocessing
+import os
 import threading
 import time
 
 import pytest
 import torch
-from multiprocessing.reduction import recv_handle
+from multiprocessing.reduction import recv_handle, send_handle
 from structlog.testing import capture_logs
 
 import loadfsm
 from loadfsm.reload.checksum import expected_checksums, layer_checksums
 from loadfsm.reload.colocated import ColocatedSender, ReceiverDiedError, SenderDiedError
+from loadfsm.reload import colocated_receiver
 from loadfsm.reload.colocated_receiver import ColocatedReceiver
 from loadfsm.reload.routes import checkpoint_tensors
 from loadfsm.reload.transport import SenderAbortedError
@@ -158,6 +160,7 @@ def pushes(request, tmp_path_factory):
             steps.append(dict(
                 report=report, version=sync.version, layer_versions=dict(sync.layer_versions),
                 layers=len(sync.layer_versions), opened=receiver.buckets_opened,
+                tables=receiver.tables_received,
                 viewed=recording.inside and all(recording.inside),
                 checksums_match=layer_checksums(sync) == checksums,
                 mismatched=[n for n, t in state.items() if not same(t, expected[n])],
@@ -192,6 +195,14 @@ def test_buckets_are_opened_once_and_reused(pushes):
     """The first push opens the shared buckets; later pushes open none."""
     assert pushes[0]["opened"] >= 2
     assert [record["opened"] for record in pushes] == [pushes[0]["opened"]] * STEPS
+
+
+def test_tables_are_sent_once_per_layout(pushes):
+    """Once every bucket has grown to its largest (the first push, or the second: a bucket
+    that grew is shared again, its tables with it), pushes of the same layout send no
+    table: the engine reuses its views (and still matches a fresh load)."""
+    assert pushes[0]["tables"] >= 2
+    assert pushes[-1]["tables"] == pushes[-2]["tables"]
 
 
 def test_every_layer_stamped_with_the_trainers_version(pushes):
@@ -367,3 +378,127 @@ def test_engine_gone_fails_the_trainers_push():
     thread.join(timeout=60)
     assert len(raised) == 1 and not thread.is_alive()
     sender.close()
+
+
+def _push_in_thread(sender, weights):
+    thread = threading.Thread(target=sender, args=(list(weights.items()),), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_changed_layout_sends_its_tables_again():
+    """A push whose tensors come in another order sends new tables and lands right; the
+    next push in that order sends none."""
+    model, sync = _engine(SMALL)
+    engine_end, trainer_end = multiprocessing.Pipe()
+    sender = ColocatedSender(trainer_end, bucket_bytes=BUCKET_BYTES)
+    receiver = ColocatedReceiver(sync, engine_end)
+    tables = []
+    try:
+        for seed, reverse in ((1, False), (2, True), (3, True)):
+            weights = reference_state_dict(SMALL, seed)
+            if reverse:
+                weights = dict(reversed(weights.items()))
+            thread = _push_in_thread(sender, weights)
+            receiver.receive()
+            thread.join(timeout=60)
+            tables.append(receiver.tables_received)
+            fresh = build_model(SMALL)
+            loadfsm.load(fresh, weights.items(), quant="fp8")
+            expected = fresh.state_dict()
+            assert all(same(t, expected[n]) for n, t in model.state_dict().items()), seed
+    finally:
+        receiver.close()
+        sender.close()
+    assert tables[0] < tables[1] == tables[2]
+
+
+class _SlowDevice:
+    """Stands in for CUDA events on a busy device: a fence completes only after ``polls``
+    queries, or when synchronized; each completion is logged."""
+
+    def __init__(self, log, polls):
+        self.log, self.polls, self.made = log, polls, 0
+
+    def fence(self, device):
+        index, self.made = self.made, self.made + 1
+        device_log, left = self.log, [self.polls]
+
+        class Fence:
+            def query(self):
+                left[0] -= 1
+                if left[0] == -1:
+                    device_log.append(("ran", index))
+                return left[0] < 0
+
+            def synchronize(self):
+                if left[0] >= 0:
+                    device_log.append(("ran", index))
+                left[0] = -1
+        return Fence()
+
+
+def _share(conn, index, tensors):
+    """What a trainer sends for a new bucket holding ``tensors`` (64 B each), and its
+    bucket message."""
+    conn.send({"kind": "share", "index": index, "size": 64 * len(tensors), "cuda": None})
+    fd = os.memfd_create("test-bucket")
+    os.ftruncate(fd, 64 * len(tensors))
+    send_handle(conn, fd, 0)
+    os.close(fd)
+    conn.send({"kind": "bucket", "index": index, "tensors": [
+        (name, (16,), torch.float32, 64 * i) for i, name in enumerate(tensors)]})
+
+
+def _reading(receiver, log):
+    def read():
+        for name, _ in receiver.arrivals():
+            log.append(("read", name))
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_engine_queues_the_next_bucket_before_acknowledging_one_the_device_reads(
+        monkeypatch):
+    """While the device still reads bucket 0, a waiting bucket 1 is read (queued) first;
+    each bucket is acknowledged only once its reads ran."""
+    log = []
+    monkeypatch.setattr(colocated_receiver, "read_fence", _SlowDevice(log, 10 ** 9).fence)
+    engine_end, trainer_end = multiprocessing.Pipe()
+    receiver = ColocatedReceiver(_Sink(), engine_end)
+    _share(trainer_end, 0, ["a", "b"])
+    _share(trainer_end, 1, ["c"])
+    trainer_end.send({"kind": "end"})
+    thread = _reading(receiver, log)
+    acks = []
+    for _ in range(2):
+        assert trainer_end.poll(60)
+        index = trainer_end.recv()["index"]
+        acks.append((index, ("ran", index) in log))     # ran before it was acknowledged
+    thread.join(timeout=60)
+    receiver.close()
+    assert log == [("read", "a"), ("read", "b"), ("read", "c"), ("ran", 0), ("ran", 1)]
+    assert acks == [(0, True), (1, True)]
+
+
+def test_idle_engine_acknowledges_once_the_device_ran_the_reads(monkeypatch):
+    """With no message waiting, the engine waits for the device and acknowledges the
+    bucket, so a trainer that needs it back is not left waiting."""
+    log = []
+    monkeypatch.setattr(colocated_receiver, "read_fence", _SlowDevice(log, 3).fence)
+    engine_end, trainer_end = multiprocessing.Pipe()
+    receiver = ColocatedReceiver(_Sink(), engine_end)
+    _share(trainer_end, 0, ["a"])
+    thread = _reading(receiver, log)
+    assert trainer_end.poll(60)                          # nothing more sent until then
+    assert trainer_end.recv()["index"] == 0
+    assert log == [("read", "a"), ("ran", 0)]
+    trainer_end.send({"kind": "end"})
+    thread.join(timeout=60)
+    receiver.close()
+    assert not thread.is_alive()
+
+
+class _Sink:
+    device = torch.device("cpu")

@@ -15,6 +15,7 @@ push with ``SenderDiedError``; every uncommitted layer keeps its old weights.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 from dataclasses import dataclass
@@ -63,6 +64,12 @@ def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
+def bucket_views(bucket: torch.Tensor, table: list) -> list[torch.Tensor]:
+    """Each tensor of ``table`` (name, shape, dtype, offset) as a view of ``bucket``."""
+    return [bucket[offset:offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+            for _, shape, dtype, offset in table]
+
+
 def process_alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie, killed but not yet reaped, does not)."""
     try:
@@ -85,10 +92,11 @@ def pid_namespace() -> str | None:
         return None
 
 
-def device_sync(device: torch.device) -> None:
-    """Reads or writes of a bucket queued on ``device`` are done."""
+def stream_sync(device: torch.device) -> None:
+    """The work this thread queued on ``device`` (a bucket's fill) is done; other streams
+    of the process run on."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 class ColocatedSender:
@@ -118,6 +126,10 @@ class ColocatedSender:
         self._buckets: list[SharedBucket | None] = [None] * buckets
         self._busy: set[int] = set()          # buckets the engine has not acknowledged
         self._next = 0
+        # Per bucket of a push, in order: the (bucket, table) the engine last received
+        # there. A push with the same layout sends no table (the engine keeps its views).
+        self._layouts: list[tuple[int, list] | None] = []
+        self._position = 0
         self.conn.send({"kind": "hello", "pid": os.getpid(),                         # C1
                         "pid_namespace": pid_namespace()})
 
@@ -132,12 +144,12 @@ class ColocatedSender:
             Whatever the iterator raised, after telling the engine to roll back.
         """
         self.conn.send({"kind": "begin", "version": version})                        # C2
-        self._next = 0      # the same layout fills the same buckets: each grows only once
+        self._next = self._position = 0   # the same layout fills the same buckets
         pending: list[tuple[str, torch.Tensor]] = []
         size = sent = 0
         try:
             for name, tensor in named_tensors:
-                n = tensor.numel() * tensor.element_size()
+                n = tensor.nbytes
                 if pending and size + n > self.bucket_bytes:
                     sent += self._send_bucket(pending)
                     pending, size = [], 0
@@ -165,15 +177,23 @@ class ColocatedSender:
         entries, offset = [], 0
         for name, tensor in tensors:
             entries.append((name, tuple(tensor.shape), tensor.dtype, offset))
-            offset += _aligned(tensor.numel() * tensor.element_size())
+            offset += _aligned(tensor.nbytes)
         bucket = self._bucket(index, offset, tensors[0][1].device)
-        for (_, _, _, start), (_, tensor) in zip(entries, tensors):
-            flat = tensor.reshape(-1).view(torch.uint8)
-            bucket[start:start + flat.numel()].copy_(flat, non_blocking=True)
-        device_sync(bucket.device)
+        position, self._position = self._position, self._position + 1
+        if position == len(self._layouts):
+            self._layouts.append(None)
+        layout = self._layouts[position]
+        if layout is not None and layout[:2] == (index, entries):
+            targets, table = layout[2], None   # as last push: the engine reuses its views
+        else:
+            targets, table = bucket_views(bucket, entries), entries
+            self._layouts[position] = (index, entries, targets)
+        for target, (_, tensor) in zip(targets, tensors):
+            target.copy_(tensor, non_blocking=True)
+        stream_sync(bucket.device)
         self._busy.add(index)
-        self.conn.send({"kind": "bucket", "index": index, "tensors": entries})       # C4
-        return sum(t.numel() * t.element_size() for _, t in tensors)
+        self.conn.send({"kind": "bucket", "index": index, "tensors": table})         # C4
+        return sum(t.nbytes for _, t in tensors)
 
     def _bucket(self, index: int, size: int, first_device: torch.device) -> torch.Tensor:
         """Bucket ``index``, at least ``size`` bytes; made and shared (C3) when it is new
@@ -181,6 +201,8 @@ class ColocatedSender:
         held = self._buckets[index]
         if held is not None and held.tensor.numel() >= size:
             return held.tensor
+        self._layouts = [None if layout is not None and layout[0] == index else layout
+                         for layout in self._layouts]      # the engine forgets them too
         if held is not None:
             held.close()
         device = self.device or first_device
@@ -215,6 +237,7 @@ class ColocatedSender:
 
     def close(self) -> None:
         """Free the buckets (an engine still mapping one keeps it until it closes)."""
+        self._layouts.clear()
         for bucket in self._buckets:
             if bucket is not None:
                 bucket.close()

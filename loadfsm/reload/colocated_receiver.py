@@ -4,7 +4,6 @@ place from the shared buckets, steps C1..C5 (ARCHITECTURE.md)."""
 from __future__ import annotations
 
 import collections
-import math
 import mmap
 import os
 import time
@@ -18,9 +17,30 @@ from ..errors import PushError
 from ..trace import failure
 from ..watchdog import Watchdog
 from .colocated import (DEFAULT_TIMEOUT_S, POLL_S, SenderDiedError, SharedBucket,
-                        device_sync, pid_namespace, process_alive)
+                        bucket_views, pid_namespace, process_alive)
 from .sync import SyncReport, WeightSync
 from .transport import STALL_WARNING_S, SenderAbortedError
+
+ACK_POLL_S = 1e-4       # while the device still reads a bucket: how often to look for work
+
+
+class _Ran:
+    """The fence of reads that ran when they were issued (CPU)."""
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+
+def read_fence(device: torch.device):
+    """Marks the reads queued so far on ``device``: ``query()`` says whether they ran."""
+    if device.type != "cuda":
+        return _Ran()
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
 
 
 class ColocatedReceiver:
@@ -43,6 +63,9 @@ class ColocatedReceiver:
         self.timeout_s, self.stall_warning_s = timeout_s, stall_warning_s
         self.buckets: dict[int, SharedBucket] = {}
         self.buckets_opened = 0       # shared handles opened: once per bucket, not per push
+        self.tables_received = 0      # buckets whose table came (a new layout), all pushes
+        # Per bucket of a push, in order: (bucket, its views), kept for the next push.
+        self._layouts: list[tuple[int, list[tuple[str, torch.Tensor]]] | None] = []
         self._pid: int | None = None
 
     def receive(self) -> SyncReport:
@@ -77,15 +100,22 @@ class ColocatedReceiver:
 
     def arrivals(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` views of each shared bucket of the push under way,
-        until its end message; each bucket is acknowledged once its views were used.
+        until its end message. A bucket is acknowledged once the device ran every read
+        of it; until then the next bucket's reads are queued behind, so the device never
+        waits for this process (``_release``).
 
         Raises:
             SenderAbortedError: the trainer's iterator raised mid-push.
             SenderDiedError: the trainer went away mid-push.
         """
+        reading: collections.deque = collections.deque()    # (bucket, fence), oldest first
+        position = 0
         while True:
+            self._release(reading)
             message = self._recv(self.timeout_s, expect=("share", "bucket", "end", "abort"))
             kind = message["kind"]
+            if kind in ("end", "abort"):
+                self._release(reading, wait=True)     # the trainer's next push needs them
             if kind == "end":
                 return
             if kind == "abort":
@@ -94,17 +124,44 @@ class ColocatedReceiver:
                 self._open(message)
                 continue
             self._check_alive()
-            bucket = self.buckets[message["index"]].tensor
-            for name, shape, dtype, offset in message["tensors"]:
-                n = math.prod(shape) * dtype.itemsize
-                yield name, bucket[offset:offset + n].view(dtype).view(shape)
-            del bucket
-            device_sync(self.sync.device)     # every read of the bucket has run
-            self.conn.send({"kind": "ack", "index": message["index"]})
+            index = message["index"]
+            if message["tensors"] is not None:
+                self._remember(position, index, message["tensors"])
+            elif position >= len(self._layouts) or self._layouts[position] is None:
+                raise SenderDiedError(f"protocol out of step: bucket {position} of the push "
+                                      "came without its table", committed=[])
+            yield from self._layouts[position][1]
+            position += 1
+            reading.append((index, read_fence(self.sync.device)))
+
+    def _remember(self, position: int, index: int, table: list) -> None:
+        """Views of bucket ``index`` per ``table``, for this push and the next ones with
+        the same layout."""
+        views = bucket_views(self.buckets[index].tensor, table)
+        self._layouts[position:position + 1] = [(index, [(entry[0], view) for entry, view
+                                                         in zip(table, views)])]
+        self.tables_received += 1
+
+    def _release(self, reading: collections.deque, *, wait: bool = False) -> None:
+        """Acknowledge, oldest first, the buckets whose reads ran. While the device still
+        reads one, a message already here goes first (its reads queue behind); with none
+        (or ``wait``), wait for the device: the trainer may need the bucket back."""
+        while reading:
+            index, fence = reading[0]
+            if not fence.query():
+                if wait:
+                    fence.synchronize()
+                elif self.conn.poll(ACK_POLL_S):
+                    return
+                continue
+            self.conn.send({"kind": "ack", "index": index})
+            reading.popleft()
 
     def _open(self, message: dict) -> None:
         """C3: map a bucket once; it is reused by every later push."""
         old = self.buckets.pop(message["index"], None)
+        self._layouts = [None if layout is not None and layout[0] == message["index"]
+                         else layout for layout in self._layouts]   # as the trainer does
         if old is not None:
             old.close()
         if message["cuda"] is not None:
@@ -158,6 +215,7 @@ class ColocatedReceiver:
 
     def close(self) -> None:
         """Unmap the shared buckets."""
+        self._layouts.clear()
         for bucket in self.buckets.values():
             bucket.close()
         self.buckets.clear()
