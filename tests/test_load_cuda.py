@@ -69,7 +69,7 @@ def test_tensors_larger_than_a_ring_buffer_stream_in_chunks(tiny_dir, quant, mon
     handed-over device tensors become the layers' storage, and the bound holds."""
     import loadfsm.sources.safetensors_dir as safetensors_dir
     whole = build_model("tiny")
-    loadfsm.load(whole, tiny_dir, quant=quant, device="cuda")
+    whole_report = loadfsm.load(whole, tiny_dir, quant=quant, device="cuda")
     monkeypatch.setattr(safetensors_dir, "RING_BYTES", 96 << 10)   # not a row multiple
     chunked = build_model("tiny")
     report = loadfsm.load(chunked, tiny_dir, quant=quant, device="cuda")
@@ -81,8 +81,9 @@ def test_tensors_larger_than_a_ring_buffer_stream_in_chunks(tiny_dir, quant, mon
         else:
             other = expected[name]
         assert torch.equal(tensor, other), name
-    bound = (report.final_bytes + report.largest_layer_bytes) * 1.05 + (4 << 20)
-    assert report.cuda_peak_bytes <= bound, (report.cuda_peak_bytes, bound)
+    # A large tensor's device memory is taken when the load reaches it, not ahead.
+    assert report.cuda_peak_bytes <= whole_report.cuda_peak_bytes + (1 << 20), (
+        report.cuda_peak_bytes, whole_report.cuda_peak_bytes)
 
 
 def test_a_large_tensor_read_on_a_side_stream_is_ready_before_use(tiny_dir, monkeypatch):

@@ -9,7 +9,6 @@ groups the pieces of one layer even when shards interleave them. Files come from
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -106,8 +105,10 @@ class SafetensorsSource:
         """Reads straight into (on CUDA, pinned) buffers, ahead of the consumer: a reader
         thread fills the next buffers while the consumer copies one to the device and
         quantizes (the ring bounds how far ahead). A tensor larger than a ring buffer goes,
-        on a GPU, chunk by chunk through the ring into a device tensor of its own; on the
-        CPU through one reused buffer. Either is handed out one at a time."""
+        on a GPU, chunk by chunk through the ring into a device tensor of its own, made
+        here, when the consumer reaches it (no earlier: the layers before it hold their
+        memory until then); on the CPU through one reused buffer, handed out once at a
+        time."""
         largest = max((self._entries[n].nbytes for n in names), default=0)
         ring = PinnedRing(min(largest, RING_BYTES), self.device, READ_AHEAD)
         large = _Large(largest if self.device.type == "cpu" else 0)
@@ -116,21 +117,28 @@ class SafetensorsSource:
         reader = threading.Thread(target=self._read_ahead, name="loadfsm-read-ahead",
                                   args=(names, ring, large, ready, stop), daemon=True)
         reader.start()
+        assembling = None
         try:
             while (item := ready.get()) is not _END:
                 if isinstance(item, BaseException):
                     raise item
-                name, tensor, slot = item
-                if isinstance(slot, torch.cuda.Event):     # assembled on the device
-                    _adopt(tensor, slot)
-                yield name, tensor
-                if slot is None:
-                    continue
-                if isinstance(slot, int):
+                name, tensor, slot, at = item
+                if at is not None:          # a chunk of a large tensor, copied on its way
+                    entry = self._entries[name]
+                    if at == 0:
+                        assembling = torch.empty(entry.nbytes, dtype=torch.uint8,
+                                                 device=self.device)
+                    assembling[at:at + tensor.numel()].copy_(tensor, non_blocking=True)
                     ring.release(slot)
-                else:
-                    del tensor
+                    if at + tensor.numel() < entry.nbytes:
+                        continue
+                    tensor, slot, assembling = (
+                        assembling.view(entry.dtype).view(entry.shape), None, None)
+                yield name, tensor
+                if slot is large:
                     large.free.release()
+                elif slot is not None:
+                    ring.release(slot)
         finally:
             stop.set()
             large.free.release()            # a reader waiting for its turn wakes
@@ -141,30 +149,28 @@ class SafetensorsSource:
         """The reader thread: each tensor into a free buffer, in order, until ``stop``."""
         prefetch = _Prefetch(self, names)
         try:
-            with (torch.cuda.device(self.device) if self.device.type == "cuda"
-                  else contextlib.nullcontext()):
-                for name in names:
-                    prefetch.ahead_of(name)
-                    entry = self._entries[name]
-                    if not entry.nbytes:
-                        ready.put((name, torch.empty(entry.shape, dtype=entry.dtype), None))
-                        continue
-                    if entry.nbytes <= ring.nbytes:
-                        taken = ring.acquire(stop)
-                        if taken is None:
-                            return
-                        slot, buffer = taken
-                        buffer = buffer[:entry.nbytes]
-                        self._open(entry.file).read_into(name, buffer,
-                                                         self._threads(entry.nbytes))
-                    else:
-                        large.free.acquire()
-                        if stop.is_set():
-                            return
-                        buffer, slot = self._read_large(entry, ring, large, stop)
-                        if buffer is None:
-                            return
-                    ready.put((name, buffer.view(entry.dtype).view(entry.shape), slot))
+            for name in names:
+                prefetch.ahead_of(name)
+                entry = self._entries[name]
+                if not entry.nbytes:
+                    ready.put((name, torch.empty(entry.shape, dtype=entry.dtype), None, None))
+                elif entry.nbytes <= ring.nbytes:
+                    taken = ring.acquire(stop)
+                    if taken is None:
+                        return
+                    slot, buffer = taken
+                    buffer = buffer[:entry.nbytes]
+                    self._open(entry.file).read_into(name, buffer, self._threads(entry.nbytes))
+                    ready.put((name, buffer.view(entry.dtype).view(entry.shape), slot, None))
+                elif self.device.type == "cpu":
+                    large.free.acquire()
+                    if stop.is_set():
+                        return
+                    buffer = large.buffer()[:entry.nbytes]
+                    self._open(entry.file).read_into(name, buffer, self._threads(entry.nbytes))
+                    ready.put((name, buffer.view(entry.dtype).view(entry.shape), large, None))
+                elif not self._read_chunks(entry, ring, ready, stop):
+                    return
         except BaseException as exc:        # the consumer raises it, with its own type
             ready.put(exc)
         else:
@@ -172,30 +178,21 @@ class SafetensorsSource:
         finally:
             prefetch.close()
 
-    def _read_large(self, entry: TensorEntry, ring: PinnedRing, large: "_Large",
-                    stop: threading.Event) -> tuple[torch.Tensor | None, object]:
-        """A tensor larger than a ring buffer: ``(bytes, what frees them)``. On the CPU,
-        read into the one reused buffer; on a GPU, ring buffer by ring buffer into a new
-        device tensor (``None`` once ``stop`` is set), done when the returned event is."""
+    def _read_chunks(self, entry: TensorEntry, ring: PinnedRing, ready: queue.SimpleQueue,
+                     stop: threading.Event) -> bool:
+        """A tensor larger than a ring buffer, one buffer at a time (the consumer puts the
+        chunks together on the device); ``False`` once ``stop`` is set."""
         shard = self._open(entry.file)
         start = shard.offsets[entry.name]
-        if self.device.type == "cpu":
-            buffer = large.buffer()[:entry.nbytes]
-            shard.read_range(entry.name, start, buffer, self._threads(entry.nbytes))
-            return buffer, large
-        out = torch.empty(entry.nbytes, dtype=torch.uint8, device=self.device)
         for at in range(0, entry.nbytes, ring.nbytes):
             taken = ring.acquire(stop)
             if taken is None:
-                return None, None
+                return False
             slot, buffer = taken
             chunk = buffer[:min(ring.nbytes, entry.nbytes - at)]
             shard.read_range(entry.name, start + at, chunk, self._threads(chunk.numel()))
-            out[at:at + chunk.numel()].copy_(chunk, non_blocking=True)
-            ring.release(slot)
-        done = torch.cuda.Event()
-        done.record()
-        return out, done
+            ready.put((entry.name, chunk, slot, at))
+        return True
 
     def _threads(self, nbytes: int) -> ThreadPoolExecutor | None:
         if nbytes < 2 * MIN_CHUNK_BYTES or READ_THREADS == 1:
@@ -250,10 +247,9 @@ class _Prefetch:
 
 
 class _Large:
-    """Tensors larger than a ring buffer are handed out one at a time: on the CPU through
-    one reused buffer (a copy from it returns once it has read the source, so the
-    consumer's return frees it), on a GPU each in a device tensor of its own, the next
-    allocated only once the consumer is done with the last."""
+    """On the CPU, tensors larger than a ring buffer go through one reused buffer, one at
+    a time (a copy from it returns once it has read the source, so the consumer's
+    return frees it)."""
 
     def __init__(self, nbytes: int):
         self.nbytes, self._buffer = nbytes, None
@@ -263,11 +259,3 @@ class _Large:
         if self._buffer is None:
             self._buffer = torch.empty(self.nbytes, dtype=torch.uint8)
         return self._buffer
-
-
-def _adopt(tensor: torch.Tensor, copied: torch.cuda.Event) -> None:
-    """Make a tensor the reader thread filled on its stream safe on the consumer's."""
-    stream = torch.cuda.current_stream(tensor.device)
-    stream.wait_event(copied)
-    if stream != torch.cuda.default_stream(tensor.device):
-        tensor.record_stream(stream)
