@@ -81,8 +81,10 @@ def test_tensors_larger_than_a_ring_buffer_stream_in_chunks(tiny_dir, quant, mon
         else:
             other = expected[name]
         assert torch.equal(tensor, other), name
-    # A large tensor's device memory is taken when the load reaches it, not ahead.
-    assert report.cuda_peak_bytes <= whole_report.cuda_peak_bytes + (1 << 20), (
+    # A large tensor's device memory is taken when the load reaches it, not ahead (that
+    # would add the 4 MB head); a fused piece is put together before its copy into the
+    # layer (gate and up: 1.4 MB each).
+    assert report.cuda_peak_bytes <= whole_report.cuda_peak_bytes + (2 << 20), (
         report.cuda_peak_bytes, whole_report.cuda_peak_bytes)
 
 
