@@ -1,6 +1,7 @@
 """Colocated push benchmark: trainer and engine in two processes on one device.
 
-    python benchmarks/colocated_bench.py [--model tiny|llama-8b-4l|llama-8b] [--device cuda]
+    python benchmarks/colocated_bench.py [--model tiny|llama-8b-4l|llama-8b|small:N]
+                                         [--device cuda] [--buckets 2]
 
 Side by side in one run, the same bf16 tensors each time:
   in_process  WeightSync.push in the engine's own process (tensors already on the device)
@@ -9,8 +10,9 @@ Side by side in one run, the same bf16 tensors each time:
   ipc_copy    the same transport, the engine only copying each view into a same-sized
               tensor: moving the bytes between the processes, no push
   checksum    layer_checksums of the engine after the push (GB/s of its live bytes)
-GB/s of bf16 input (median of ``--repeat``, the three alternating); ratios are what to compare. On one GPU both
-processes share device 0.
+GB/s of bf16 input (median of ``--repeat``, the three alternating); ratios are what to
+compare. On one GPU both processes share device 0. ``--model small:N``: only the IPC
+copy of N tensors of 1 KB, in microseconds per tensor.
 """
 
 from __future__ import annotations
@@ -37,7 +39,11 @@ def _sync(device: torch.device) -> None:
 
 def trainer_tensors(model_name: str, device, seed: int = 1) -> list[tuple[str, torch.Tensor]]:
     """Every checkpoint tensor of the model, random bf16, on ``device`` (same in both
-    processes: seeded)."""
+    processes: seeded); ``small:N``: N tensors of 1 KB (what the transport costs per
+    tensor, as with many experts)."""
+    if model_name.startswith("small:"):
+        return [(f"t{i}", torch.full((256,), float(i), device=device))
+                for i in range(int(model_name[len("small:"):]))]
     session = LoadSession(build_model(model_name), device=device)
     gen = torch.Generator(device).manual_seed(seed)
     return [(name, (torch.randn(e.shape, generator=gen, device=device, dtype=torch.float32)
@@ -85,13 +91,8 @@ def _timed(fns: dict, device: torch.device, repeat: int) -> dict[str, float]:
     return {key: statistics.median(seconds) for key, seconds in times.items()}
 
 
-def run(args) -> dict:
-    device = torch.device(args.device)
-    model = build_model(args.model)
-    loadfsm.load(model, None, load_format="dummy", quant=args.quant, device=device)
-    sync = loadfsm.WeightSync(model)
-    tensors = trainer_tensors(args.model, device)
-    nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
+def _start_trainer(args):
+    """The trainer process, the engine's end of its connection, and its control end."""
     ctx = multiprocessing.get_context("spawn")
     ours, theirs = ctx.Pipe()
     control, their_control = ctx.Pipe()
@@ -100,9 +101,44 @@ def run(args) -> dict:
     trainer.start()
     theirs.close()
     their_control.close()
+    control.recv()                         # the trainer's tensors are ready
+    return trainer, ours, control
+
+
+def run_small(args) -> dict:
+    """``--model small:N``: only the IPC copy of N tensors of 1 KB, per tensor."""
+    device = torch.device(args.device)
+    tensors = trainer_tensors(args.model, device)
+    trainer, ours, control = _start_trainer(args)
+    receiver = ColocatedReceiver(_CopySink(tensors, device), ours, stall_warning_s=None)
+
+    def ipc_copy():
+        control.send("go")
+        receiver.receive()
+
+    try:
+        seconds = _timed({"ipc_copy": ipc_copy}, device, args.repeat)["ipc_copy"]
+    finally:
+        control.send(None)
+        trainer.join(timeout=120)
+        receiver.close()
+    return {"model": args.model, "device": str(device), "bucket_mb": args.bucket_mb,
+            "buckets": args.buckets, "ipc_copy_s": round(seconds, 6),
+            "us_per_tensor": round(seconds / len(tensors) * 1e6, 2)}
+
+
+def run(args) -> dict:
+    if args.model.startswith("small:"):
+        return run_small(args)
+    device = torch.device(args.device)
+    model = build_model(args.model)
+    loadfsm.load(model, None, load_format="dummy", quant=args.quant, device=device)
+    sync = loadfsm.WeightSync(model)
+    tensors = trainer_tensors(args.model, device)
+    nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
+    trainer, ours, control = _start_trainer(args)
     receiver = ColocatedReceiver(sync, ours, stall_warning_s=None)
     sink = _CopySink(tensors, device)
-    control.recv()                         # the trainer's tensors are ready
 
     def colocated(target):
         receiver.sync = target
@@ -143,7 +179,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="one JSON line, nothing else")
     args = parser.parse_args()
     result = run(args)
-    if args.json:
+    if args.json or "us_per_tensor" in result:
         print(json.dumps(result))
         return
     gb = result["bytes"] / 1e9

@@ -6,7 +6,9 @@ buffers (CUDA memory shared by IPC handle on GPUs, an anonymous ``memfd`` on CPU
 runs the same code), shares each once, and per push sends only small messages over a
 ``multiprocessing`` connection (a ``Pipe()`` end, or ``Listener``/``Client`` on an
 ``AF_UNIX`` address for processes that are not parent and child, such as Ray actors),
-in steps C1..C5 (ARCHITECTURE.md).
+in steps C1..C5 (ARCHITECTURE.md). A bucket's table (names, shapes, dtypes, offsets)
+travels only when the push's layout changed; both sides keep their views of the bucket,
+so a push of many small tensors costs little Python per tensor.
 
 The engine never waits forever: a trainer process that is gone (closed connection, or a
 pid that no longer runs) or silent for ``timeout_s`` in the middle of a push fails the
