@@ -502,3 +502,39 @@ def test_idle_engine_acknowledges_once_the_device_ran_the_reads(monkeypatch):
 
 class _Sink:
     device = torch.device("cpu")
+
+
+class _Collect(_Sink):
+    """Stands in for a ``WeightSync``: keeps a copy of every tensor it is fed."""
+
+    session = None
+
+    def __init__(self):
+        self.got = {}
+
+    def push(self, arrivals, version=None):
+        self.got.update((name, tensor.clone()) for name, tensor in arrivals)
+
+
+def test_strided_and_odd_sized_tensors_arrive_exact():
+    """Transposed, sliced, 0-element and odd-byte-count tensors arrive bit-exact, in every
+    push (the later ones through the kept views)."""
+    engine_end, trainer_end = multiprocessing.Pipe()
+    sender = ColocatedSender(trainer_end, bucket_bytes=256)
+    sink = _Collect()
+    receiver = ColocatedReceiver(sink, engine_end, stall_warning_s=None)
+    try:
+        for step in range(2):
+            base = torch.arange(48, dtype=torch.float32).reshape(6, 8) + step
+            tensors = {"transposed": base.t(), "sliced": base[:, 1::3],
+                       "empty": torch.empty(0, 4, dtype=torch.bfloat16),
+                       "odd": torch.arange(7, dtype=torch.uint8) + step,
+                       "big": torch.randn(200, generator=torch.Generator().manual_seed(step))}
+            thread = _push_in_thread(sender, tensors)
+            receiver.receive()
+            thread.join(timeout=60)
+            assert sink.got.keys() == tensors.keys()
+            assert all(same(sink.got[name], t) for name, t in tensors.items()), step
+    finally:
+        receiver.close()
+        sender.close()
