@@ -42,7 +42,7 @@ class TensorSlot:
     dtype: torch.dtype
     is_buffer: bool
     covered: int = 0               # elements the planned pieces fill; < numel means padding
-    aliases: list[str] = field(default_factory=list)  # tied names sharing this tensor
+    aliases: tuple[str, ...] = ()  # tied names sharing this tensor
 
     @property
     def numel(self) -> int:

@@ -163,7 +163,7 @@ def _plan_modules(model: nn.Module, choose, pieces: list[Piece], config):
             canonical = first_name.get(id(tensor)) if tensor is not None else None
             if canonical is not None:
                 if canonical.full_name != full:
-                    canonical.aliases.append(full)
+                    canonical.aliases += (full,)
                     tied[full] = canonical.full_name
                 continue
             slot = TensorSlot(attr, full, shape, dtype, is_buffer)
