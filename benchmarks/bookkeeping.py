@@ -15,7 +15,7 @@ driver's ``transition`` and ``Tracer`` (trace). The tensor work inside them (cop
 views, the handlers' ``materialize``/``quantize``/``install``, the NaN/Inf checks, the
 writer) is timed as work and counted out. The timers' own cost, measured first with
 the same wrappers, is subtracted; staging tensors are freed after the load (see
-``instrumented``); a cyclic garbage collection is shown apart ("gc"), wherever it
+``staging_kept``; loads that only keep them show what the timers add); a cyclic garbage collection is shown apart ("gc"), wherever it
 struck. Planning (``LoadSession`` set-up) is shown apart too: ``benchmarks/scaling_bench.py``
 times it at 100k layers. On a CPU the tensor work between arrivals flushes the caches:
 the same Python lines cost several times their micro-benchmark there. On CUDA the
