@@ -8,7 +8,7 @@ import torch
 import loadfsm
 from loadfsm.loading.drive import run
 from loadfsm.sources.safetensors_dir import SafetensorsSource
-from loadfsm.testing import build_model, write_checkpoint
+from loadfsm.testing import build_model, reference_state_dict, write_checkpoint
 
 
 class _HandingOver:
@@ -62,3 +62,27 @@ def test_handed_over_whole_tensors_become_the_layer(tiny_dir, quant, owned):
             tensor, other = tensor.view(torch.uint8), other.view(torch.uint8)
         assert torch.equal(tensor, other), name
     assert report.peak_bytes <= report.final_bytes + report.largest_layer_bytes
+
+
+def test_a_cuda_session_compares_tensors_on_the_indexed_device(monkeypatch):
+    """``device="cuda"`` aliases tensors on ``cuda:N`` (the current GPU): compared as
+    given, no tensor would ever be on it and every arrival would be copied."""
+    from loadfsm.loading.driver import indexed
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert indexed(torch.device("cuda")) == torch.device("cuda", 3)
+    assert indexed(torch.device("cuda:1")) == torch.device("cuda", 1)
+    assert indexed(torch.device("cpu")) == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_push_on_cuda_uses_whole_fp8_weights_as_staging():
+    """A session made with ``device="cuda"`` aliases the trainer's ``cuda:0`` tensors."""
+    model = build_model("tiny")
+    loadfsm.load(model, reference_state_dict("tiny").items(), quant="fp8", device="cuda")
+    sync = loadfsm.WeightSync(model)
+    aliased = []
+    real = sync.session.driver._materialize
+    sync.session.driver._materialize = lambda rec, alias=None: (
+        aliased.append(rec.name) if alias is not None else None, real(rec, alias))[1]
+    sync.push((n, t.cuda()) for n, t in reference_state_dict("tiny", 1).items())
+    assert "model.layers.0.self_attn.o_proj" in aliased

@@ -33,6 +33,14 @@ _PARTIAL = LayerState.PARTIAL
 BORROW_MIN_BYTES = 256 << 20
 
 
+def indexed(device: torch.device) -> torch.device:
+    """``cuda`` means the current GPU; made explicit, it compares equal to the ``cuda:N``
+    every tensor reports (a tensor's ``device == torch.device("cuda")`` is never true)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class ArrivalDriver:
     """Routes arriving tensors into their layers' staging and fires the layer machine.
 
@@ -47,7 +55,7 @@ class ArrivalDriver:
     def __init__(self, plan: Plan, *, device: torch.device, config, ledger: MemoryLedger,
                  tracer: Tracer, strict: bool, max_in_flight: int,
                  on_quantized: Callable[[LayerRecord], None]):
-        self.plan, self.device, self.config = plan, device, config
+        self.plan, self.device, self.config = plan, indexed(device), config
         self.ledger, self.tracer, self.strict = ledger, tracer, strict
         self.max_in_flight = max_in_flight
         self.on_quantized = on_quantized
