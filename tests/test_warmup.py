@@ -1,26 +1,25 @@
 """Kernels are readied in a background thread and the first quantize waits for it."""
 
 import threading
-import time
 
 import pytest
 import torch
 
 import loadfsm
+import loadfsm.quant.fp8 as fp8
 from loadfsm.handlers.base import Handler
-from loadfsm.loading.drive import run
 from loadfsm.loading.warmup import KernelWarmup
 from loadfsm.sources.safetensors_dir import SafetensorsSource
 from loadfsm.testing import build_model, write_checkpoint
 
 
 class _Preparing(Handler):
-    def __init__(self, delay: float, error: Exception | None = None):
-        self.delay, self.error, self.events = delay, error, []
+    def __init__(self, release: threading.Event, error: Exception | None = None):
+        self.release, self.error, self.events = release, error, []
 
     def prepare(self, config, device):
         self.events.append(("start", threading.current_thread().name))
-        time.sleep(self.delay)
+        self.release.wait(30)
         self.events.append(("done", None))
         if self.error is not None:
             raise self.error
@@ -32,20 +31,31 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("error", [None, RuntimeError("no kernel")])
-def test_the_first_quantize_waits_for_the_warmup(tiny_dir, monkeypatch, error):
-    """The warm-up runs in its own thread; the first layer is quantized after it ends, and
-    a warm-up that fails changes nothing (the real kernel would fail, typed, itself)."""
-    handler = _Preparing(0.6, error)
+def test_layers_quantize_on_the_reference_while_the_kernels_warm(tiny_dir, monkeypatch,
+                                                                  error):
+    """While the warm-up thread runs, the driver quantizes (in its own thread) on the torch
+    reference; once it is done, on the kernels; the load equals one without a warm-up,
+    also when the warm-up fails (the real kernel would fail, typed, itself)."""
+    release = threading.Event()
+    handler = _Preparing(release, error)
     session = loadfsm.LoadSession(build_model("tiny"), quant="fp8", device="cpu")
-    quantized = []
-    real = session.driver._quantize
-    monkeypatch.setattr(session.driver, "_quantize",
-                        lambda rec, *more: (quantized.append(list(handler.events)),
-                                                 real(rec, *more))[1])
+    modes = []
+    real = fp8.quantize_fp8_into
+    monkeypatch.setattr(fp8, "quantize_fp8_into", lambda *a: (
+        modes.append(getattr(fp8._THREAD, "reference", False)), real(*a))[1])
     session.driver.warmup = KernelWarmup([handler], session.quant, torch.device("cpu"))
-    run(session, SafetensorsSource(tiny_dir))
+    source = SafetensorsSource(tiny_dir)
+    for count, (name, tensor) in enumerate(source.read(session.match(
+            source.entries(), source.index()))):
+        if count == 12:
+            release.set()
+            session.driver.warmup.wait()
+        session.arrive(name, tensor)
+    session.finish()
+    source.close()
     assert handler.events[0] == ("start", "loadfsm-warmup")
-    assert quantized[0] == [("start", "loadfsm-warmup"), ("done", None)]
+    assert modes[0] is True and modes[-1] is False
+    assert modes == sorted(modes, reverse=True)          # reference first, then kernels
     assert session.driver.warmup is None
     reference = build_model("tiny")
     loadfsm.load(reference, tiny_dir, quant="fp8", device="cpu")
@@ -55,6 +65,17 @@ def test_the_first_quantize_waits_for_the_warmup(tiny_dir, monkeypatch, error):
         if tensor.dtype.itemsize == 1:
             tensor, other = tensor.view(torch.uint8), other.view(torch.uint8)
         assert torch.equal(tensor, other), name
+
+
+def test_reference_kernels_hold_in_their_thread_only():
+    seen = []
+    with fp8.reference_kernels():
+        thread = threading.Thread(target=lambda: seen.append(
+            getattr(fp8._THREAD, "reference", False)))
+        thread.start()
+        thread.join()
+        assert fp8._THREAD.reference is True
+    assert seen == [False] and fp8._THREAD.reference is False
 
 
 def test_no_warmup_thread_on_the_cpu():
@@ -67,3 +88,18 @@ def test_a_cuda_session_warms_its_fp8_kernels():
     session = loadfsm.LoadSession(build_model("tiny"), quant="fp8", device="cuda")
     assert session.driver.warmup is not None
     session.driver.warmup.wait()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_reference_kernels_keep_triton_out_on_cuda(monkeypatch):
+    from loadfsm.quant import triton_fp8
+    from loadfsm.quant.config import Fp8Config
+    w = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    expected, expected_scale = fp8.quantize_fp8(w, Fp8Config())     # the kernel's result
+    calls = []
+    monkeypatch.setattr(triton_fp8, "quantize_into", lambda *a: calls.append(a))
+    with fp8.reference_kernels():
+        q, scale = fp8.quantize_fp8(w, Fp8Config())
+    assert not calls
+    assert torch.equal(q.view(torch.uint8), expected.view(torch.uint8))
+    assert torch.equal(scale, expected_scale)

@@ -10,6 +10,7 @@ Lifecycle and memory bound: ARCHITECTURE.md.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -20,6 +21,7 @@ from ..ledger import MemoryLedger, nbytes
 from ..pieces import Piece
 from ..plan import Plan, check_fits
 from ..profiling import layer_range
+from ..quant.fp8 import reference_kernels
 from ..states import LayerState
 from ..trace import Tracer
 from .finiteness import FinitenessBatch, locatable, scale_checked
@@ -62,7 +64,7 @@ class ArrivalDriver:
         self.reloading = False
         self.owned_arrivals = False
         self.borrowing = False
-        self.warmup: KernelWarmup | None = None     # waited for before the first quantize
+        self.warmup: KernelWarmup | None = None     # kernels readied meanwhile (warmup)
         self.file_of: Callable[[str], str | None] = lambda name: None
         self.in_flight: dict[str, LayerRecord] = {}
         self.unexpected: list[str] = []
@@ -285,10 +287,10 @@ class ArrivalDriver:
         by_scale = FinitenessBatch.record_layer(rec, by_scale)
         src, dst = rec.fire(trigger)
         self.transition(rec, src, dst, trigger)
-        if self.warmup is not None:
-            self.warmup.wait()
+        if self.warmup is not None and self.warmup.done():
             self.warmup = None
-        with layer_range(rec.name, "quantize"):
+        with layer_range(rec.name, "quantize"), (
+                reference_kernels() if self.warmup is not None else contextlib.nullcontext()):
             self._quantize(rec, by_scale)
         self.on_quantized(rec)
 

@@ -2,9 +2,9 @@
 
 A first load in a fresh process would otherwise stop at its first quantized layer
 while Triton initializes and loads its kernels. Each handler the plan uses gets its
-``prepare`` run in one thread started with the session; the driver waits for that
-thread before its first ``quantize``, so no kernel is ever launched from two threads
-at once.
+``prepare`` run in one thread started with the session; until that thread is done the
+driver quantizes under ``quant.fp8.reference_kernels`` (the torch reference,
+bit-identical), so no layer waits and no kernel is launched from two threads at once.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ class KernelWarmup:
                     handler.prepare(config, device)
         except Exception:       # noqa: BLE001 -- only a head start: a kernel that cannot
             return              # run fails again at its first layer, typed, in the load
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
 
     def wait(self) -> None:
         self._thread.join()

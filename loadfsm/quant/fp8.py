@@ -11,7 +11,10 @@ Conventions (shared with the Triton kernels, which reproduce this file bit for b
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from typing import Iterator
 
 import torch
 
@@ -25,6 +28,8 @@ _MIN_AMAX = 1e-12
 # Upper bound on the float32 temporary of one quantization chunk.
 _CHUNK_BYTES = 64 << 20
 _INF = float("inf")
+# Per thread: whether ``reference_kernels`` is in force.
+_THREAD = threading.local()
 # Elements per chunk of the underflow count (see ``flushed_to_zero``).
 _COUNT_CHUNK_MIN, _COUNT_CHUNK_MAX = 1 << 18, 1 << 24
 
@@ -80,7 +85,7 @@ def quantize_fp8_into(w: torch.Tensor, q_out: torch.Tensor, scale_out: torch.Ten
         ValueError: if ``q_out`` / ``scale_out`` do not have the shape and dtype ``w`` needs.
     """
     _check_outputs(w, q_out, scale_out, config)
-    if w.is_cuda:
+    if w.is_cuda and not getattr(_THREAD, "reference", False):
         from loadfsm.quant import triton_fp8  # lazy: Triton exists only next to CUDA
 
         if triton_fp8.triton_available(w.device) and triton_fp8.supports(w, q_out, scale_out,
@@ -96,6 +101,19 @@ def warm_fp8_kernels(config: Fp8Config, device: torch.device) -> None:
     loads (or compiles) the kernels, about 0.6 s with a warm disk cache."""
     if torch.device(device).type == "cuda":
         quantize_fp8(torch.ones(256, 256, dtype=torch.bfloat16, device=device), config)
+
+
+@contextlib.contextmanager
+def reference_kernels() -> Iterator[None]:
+    """In this thread, quantize with the torch reference (bit-identical to the kernels):
+    a load's first layers use it while another thread readies the kernels, so they
+    neither wait for Triton nor launch it from two threads at once."""
+    before = getattr(_THREAD, "reference", False)
+    _THREAD.reference = True
+    try:
+        yield
+    finally:
+        _THREAD.reference = before
 
 
 def quantize_fp8_reference(w: torch.Tensor,
