@@ -35,7 +35,7 @@ new timeout 120 python3 $F/benchmarks/colocated_bench.py --model llama-8b-4l --d
 new timeout 100 python3 $F/benchmarks/push_names_bench.py --device cuda --repeat 3 --json | tail -1 \
     | tee "$O/push_names.jsonl"
 for mode in layers tiles; do
-  new timeout 90 python3 $F/benchmarks/delta_bench.py --model llama-8b-4l --mode $mode \
+  new timeout 300 python3 $F/benchmarks/delta_bench.py --model llama-8b-4l --mode $mode \
       --device cuda --repeat 5 --json | tail -1 | tee -a "$O/delta.jsonl"
 done
 # transformers >= 5.24 carried as a wheel (the image has 5.17); accelerate is in the image.
