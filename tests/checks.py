@@ -99,3 +99,31 @@ def emulate_block_scaled_mm(a, scale_a, q, scale_b, m):
     tiles = scale_b[:groups].t().double()                        # [N/128, K/128]
     w_deq = q.double() * tiles.repeat_interleave(128, 0).repeat_interleave(128, 1)
     return a_deq @ w_deq.t()
+
+
+def experts_reference(experts, x, topk_ids, config):
+    """The stacked experts' forward for top-1 routing, from their own dequantized weights
+    (what an FP8 experts kernel must agree with)."""
+    from loadfsm.quant import dequantize_fp8
+    ref = torch.zeros_like(x)
+    for e in range(experts.gate_up_proj.shape[0]):
+        rows = topk_ids[:, 0] == e
+        w1 = dequantize_fp8(experts.gate_up_proj[e], experts.gate_up_proj_scale[e], config)
+        w2 = dequantize_fp8(experts.down_proj[e], experts.down_proj_scale[e], config)
+        g, u = (x[rows] @ w1.t()).chunk(2, dim=-1)
+        ref[rows] = (torch.nn.functional.silu(g) * u) @ w2.t()
+    return ref
+
+
+def captured(fn, static_x):
+    """``(graph, static_out)``: ``fn(static_x)`` warmed up on a side stream, then captured
+    into a CUDA graph (replay after writing new values into ``static_x``)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(static_x)  # warm up outside the graph
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(static_x)
+    return graph, static_out

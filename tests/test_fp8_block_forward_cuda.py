@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loadfsm.quant import (Fp8Config, Fp8Linear, Fp8StackedExperts, dequantize_fp8,
+from loadfsm.quant import (Fp8Config, Fp8Linear, Fp8StackedExperts,
                            quantize_fp8, quantize_fp8_reference, sqnr_db)
 from loadfsm.quant.fp8_block_mm import (block_scaled_mm, block_scaled_mm_runs,
                                         quantize_activation_groups, weight_scale_operand)
 from loadfsm.quant.linear import fp8_kernel
-from checks import emulate_block_scaled_mm, graded
+from checks import captured, emulate_block_scaled_mm, experts_reference, graded
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -108,13 +108,7 @@ def test_stacked_experts_take_block_mm():
     topk_ids = torch.arange(64, device="cuda")[:, None] % 4
     topk_weights = torch.ones(64, 1, dtype=torch.bfloat16, device="cuda")
     out = experts(x, topk_ids, topk_weights)
-    ref = torch.zeros_like(x)
-    for e in range(4):
-        rows = topk_ids[:, 0] == e
-        w1 = dequantize_fp8(experts.gate_up_proj[e], experts.gate_up_proj_scale[e], BLOCK)
-        w2 = dequantize_fp8(experts.down_proj[e], experts.down_proj_scale[e], BLOCK)
-        g, u = (x[rows] @ w1.t()).chunk(2, dim=-1)
-        ref[rows] = (F.silu(g) * u) @ w2.t()
+    ref = experts_reference(experts, x, topk_ids, BLOCK)
     assert sqnr_db(ref, out) >= 25.0
 
 
@@ -126,14 +120,7 @@ def test_cuda_graph_capture(tokens):
     pick the same algorithm on the capture stream); stale inputs would be far off."""
     layer, _ = _layer(640, 384, bias=True)
     static_x = _x(tokens, 640, seed=2)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        layer(static_x)  # warm up outside the graph
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = layer(static_x)
+    graph, static_out = captured(layer, static_x)
     new_x = _x(tokens, 640, seed=3)
     static_x.copy_(new_x)
     graph.replay()

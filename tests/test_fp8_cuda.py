@@ -5,10 +5,11 @@ from functools import partial
 import pytest
 import torch
 
-from loadfsm.quant import (FP8_DTYPE, Fp8Config, Fp8Linear, Fp8StackedExperts, dequantize_fp8,
+from loadfsm.quant import (FP8_DTYPE, Fp8Config, Fp8Linear, Fp8StackedExperts,
                            fp8_matmul, quantize_fp8, quantize_fp8_into, quantize_fp8_reference,
                            sqnr_db, triton_available)
 from loadfsm.quant import linear as linear_module
+from checks import captured, experts_reference
 from tiny_models import randn
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -109,14 +110,7 @@ def test_cuda_graph_capture(granularity):
     layer = Fp8Linear.from_quantized(*quantize_fp8(_randn(256, 512), config),
                                      _randn(256, seed=1), config)
     static_x = _randn(8, 512, seed=2)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        layer(static_x)  # warm up outside the graph
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = layer(static_x)
+    graph, static_out = captured(layer, static_x)
     new_x = _randn(8, 512, seed=3)
     static_x.copy_(new_x)
     graph.replay()
@@ -134,11 +128,5 @@ def test_stacked_experts_cuda():
     topk_ids = torch.arange(32, device="cuda")[:, None] % 4
     topk_weights = torch.ones(32, 1, dtype=torch.bfloat16, device="cuda")
     out = experts(x, topk_ids, topk_weights)
-    ref = torch.zeros_like(x)
-    for e in range(4):
-        rows = topk_ids[:, 0] == e
-        w1 = dequantize_fp8(experts.gate_up_proj[e], experts.gate_up_proj_scale[e], config)
-        w2 = dequantize_fp8(experts.down_proj[e], experts.down_proj_scale[e], config)
-        g, u = (x[rows] @ w1.t()).chunk(2, dim=-1)
-        ref[rows] = (torch.nn.functional.silu(g) * u) @ w2.t()
+    ref = experts_reference(experts, x, topk_ids, config)
     assert sqnr_db(ref, out) >= 25.0
