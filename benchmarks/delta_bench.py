@@ -6,8 +6,9 @@
                                      [--device cpu] [--repeat 5] [--json]
 
 The engine: the reference Llama (``--layers`` decoder layers; default the model's own,
-16 for tiny), loaded with online FP8 in this process (``--mode tiles``: block FP8,
-128x128); the trainer: a bf16 copy of it on the same device. Before each timed push
+16 for tiny) with seeded random weights (the dummy format), loaded with online FP8 in this
+process (``--mode tiles``: block FP8, 128x128); the trainer: the same model in bf16 with
+other random weights, on the same device. Before each timed push
 (untimed) the trainer scales, by 1.01,
   layers  the weights of ``--changed`` of the engine's layers (at least one);
   tiles   ``--changed`` of the 128x128 tiles of the FP8 weights (at least one), picked
@@ -36,7 +37,7 @@ import loadfsm
 from loadfsm.quant.config import Fp8Config
 from loadfsm.reload.delta import DeltaPush
 from loadfsm.reload.tiles import gather_tiles, put_tiles
-from loadfsm.testing import CONFIGS, build_model, load_reference_model, reference_state_dict
+from loadfsm.testing import CONFIGS, build_model
 
 TILE = (128, 128)
 
@@ -47,8 +48,10 @@ def _sync(device) -> None:
 
 
 def _engine(config, quant, device):
+    """An engine with seeded random weights made on the device (the dummy format: a
+    Llama-scale reference state generated on the host took minutes)."""
     model = build_model(config)
-    loadfsm.load(model, reference_state_dict(config, 0).items(), quant=quant, device=device)
+    loadfsm.load(model, None, load_format="dummy", seed=0, quant=quant, device=device)
     return model, loadfsm.WeightSync(model)
 
 
@@ -126,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     quant = Fp8Config(granularity="block", block_size=TILE) if tiles else Fp8Config()
     (ours, sync), (full, full_sync) = _engine(config, quant, device), _engine(config, quant,
                                                                              device)
-    trainer = load_reference_model(config, seed=1).to(device)
+    trainer = build_model(config)
+    loadfsm.load(trainer, None, load_format="dummy", seed=1, device=device)
     delta = DeltaPush(quant, sync, tiles=tiles)
     nudge, changed = (_tile_nudge(trainer, delta, args.changed) if tiles
                       else _layer_nudge(trainer, args.changed))
