@@ -12,6 +12,7 @@ from multiprocessing.reduction import recv_handle, send_handle
 from structlog.testing import capture_logs
 
 import loadfsm
+import loadfsm.loading.driver as driver
 from loadfsm.reload.checksum import expected_checksums, layer_checksums
 from loadfsm.reload.colocated import ColocatedSender, ReceiverDiedError, SenderDiedError
 from loadfsm.reload import colocated_receiver
@@ -140,18 +141,22 @@ class _Recording:
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.fixture(scope="module", ids=["dense", "moe", "dense-cuda-ipc"], params=[
-    (SMALL, "cpu"), (SMALL_MOE, "cpu"), pytest.param((SMALL, "cuda"), marks=CUDA)])
+@pytest.fixture(scope="module", ids=["dense", "moe", "dense-borrowed", "dense-cuda-ipc"],
+                params=[(SMALL, "cpu", False), (SMALL_MOE, "cpu", False), (SMALL, "cpu", True),
+                        pytest.param((SMALL, "cuda", False), marks=CUDA)])
 def pushes(request, tmp_path_factory):
     """Three steps pushed through shared buckets (memfd on CPU; CUDA IPC, both processes
-    on one GPU); per step, how the engine compares."""
-    (config, device), tmp = request.param, tmp_path_factory.mktemp("colocated")
+    on one GPU); per step, how the engine compares. "borrowed": every plain layer pushed
+    whole is committed straight from the bucket, before the next tensor is read."""
+    (config, device, borrow), tmp = request.param, tmp_path_factory.mktemp("colocated")
     model, sync = _engine(config, device=device)
     process, conn = _start(config, tmp, STEPS, device=device)
     recording = _Recording(sync)
     receiver = recording.receiver = ColocatedReceiver(recording, conn)
     addresses = {n: t.data_ptr() for n, t in model.state_dict().items()}
     previous, steps = snapshot(model), []
+    borrow_min = driver.BORROW_MIN_BYTES
+    driver.BORROW_MIN_BYTES = 0 if borrow else borrow_min
     try:
         for step in range(STEPS):
             report = receiver.receive()
@@ -169,6 +174,7 @@ def pushes(request, tmp_path_factory):
             recording.inside.clear()
             previous = snapshot(model)
     finally:
+        driver.BORROW_MIN_BYTES = borrow_min
         receiver.close()
         process.join(timeout=60)
     return steps
