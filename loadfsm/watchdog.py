@@ -5,7 +5,8 @@ When no piece has arrived for ``timeout`` seconds, it warns (structlog, logger
 exact pieces each still waits for, and warns again after each further ``timeout`` of
 silence. A push warns only while one of its layers waits for pieces: before its first
 tensor the engine is waiting for the trainer, after its last it is committing, and
-neither is a stall. A daemon thread polls the session's arrival count, so the load
+neither is a stall; a layer that begins waiting warns once it has waited a whole
+``timeout``. A daemon thread polls the session's arrival count, so the load
 itself pays one integer increment per piece.
 
 ``load(..., watchdog=30)`` and ``WeightReceiver(..., stall_warning_s=...)`` (on by
@@ -60,28 +61,41 @@ class Watchdog:
     def _watch(self) -> None:
         start = self.session.driver.arrivals
         seen, since = start, time.monotonic()
+        waiting_since = None        # a push: when a layer was first seen waiting, quiet
         while not self._stop.wait(self.timeout / 4):
-            count = self.session.driver.arrivals
+            count, now = self.session.driver.arrivals, time.monotonic()
             if count != seen:
-                seen, since = count, time.monotonic()
-            elif time.monotonic() - since >= self.timeout:
-                if self._warn(count - start, time.monotonic() - since):
-                    since = time.monotonic()
+                seen, since, waiting_since = count, now, None
+            elif now - since >= self.timeout:
+                waiting = self._waiting()
+                if waiting is None:           # the session moved under us: not stuck
+                    continue
+                if self.what == "push":
+                    # Before a push's first tensor nothing waits (the engine waits for the
+                    # trainer); a layer begun since then has waited only from that moment.
+                    if not waiting:
+                        waiting_since = None
+                        continue
+                    if waiting_since is None:
+                        waiting_since = now
+                    if now - waiting_since < self.timeout:
+                        continue
+                self._warn(waiting, count - start, now - since)
+                since = waiting_since = now
 
-    def _warn(self, arrivals: int, quiet: float) -> bool:
-        """Log the layers in flight and their missing pieces; False when there is nothing
-        to say (a push with no layer waiting) or the session moved under us."""
+    def _waiting(self) -> dict[str, list[str]] | None:
+        """The layers in flight and their missing pieces; ``None`` when the session moved
+        while they were read."""
         driver = self.session.driver
         try:
-            waiting = {rec.name: sorted(rec.missing)
-                       for rec in list(driver.plan.layers.values())
-                       if rec.state in _WAITING and rec.missing
-                       and (rec.name in driver.in_flight or driver.reloading)}
+            return {rec.name: sorted(rec.missing)
+                    for rec in list(driver.plan.layers.values())
+                    if rec.state in _WAITING and rec.missing
+                    and (rec.name in driver.in_flight or driver.reloading)}
         except RuntimeError:          # a set changed size: the session is not stuck
-            return False
-        if not waiting and self.what == "push":
-            return False
+            return None
+
+    def _warn(self, waiting: dict[str, list[str]], arrivals: int, quiet: float) -> None:
         self.warnings += 1
         log.warning(f"{self.what}_stalled", quiet_s=round(quiet, 3), arrivals=arrivals,
                     layers_in_flight=list(waiting), waiting_for=waiting)
-        return True
