@@ -22,6 +22,7 @@ from .quant.push_fp8 import quantize_for_push
 from .reload.colocated import ColocatedSender, ReceiverDiedError, SenderDiedError
 from .reload.colocated_receiver import ColocatedReceiver
 from .reload.delta import DeltaPush, DeltaReport
+from .reload.tile_push import TileDelta, TilePatch, apply_tile_delta
 from .reload.transport import WeightReceiver, WeightSender
 from .report import LoadReport
 from .session import LoadSession
@@ -40,4 +41,4 @@ __all__ += ["ColocatedSender", "ColocatedReceiver", "SenderDiedError", "Receiver
 __all__ += ["UnsafeCheckpointPathError", "CheckpointChangedError", "TraceOverwritesInputError",
             "BadWeightItemError", "UnsupportedDeviceError"]
 __all__ += ["Fp8CheckpointConfig", "quantize_for_push", "InvalidScaleError"]
-__all__ += ["DeltaPush", "DeltaReport"]
+__all__ += ["DeltaPush", "DeltaReport", "TileDelta", "TilePatch", "apply_tile_delta"]

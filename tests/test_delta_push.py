@@ -8,9 +8,8 @@ from torch import nn
 import loadfsm
 from loadfsm.quant.config import Fp8Config
 from loadfsm.quant.push_fp8 import quantize_for_push
-from loadfsm import DeltaPush
+from loadfsm import DeltaPush, TileDelta, TilePatch, apply_tile_delta
 from loadfsm.reload import tile_push
-from loadfsm.reload.tile_push import TileDelta, TilePatch, apply_tile_delta
 from loadfsm.reload.tiles import gather_tiles, put_tiles
 from loadfsm.testing import build_model, load_reference_model, reference_state_dict
 from loadfsm.testing.fp8_checkpoint import write_fp8_checkpoint
