@@ -12,6 +12,7 @@ finiteness batch verifies every piece). Lifecycle: ARCHITECTURE.md.
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -78,8 +79,13 @@ class Handler:
 
     def prepare(self, config, device: torch.device) -> None:
         """Get ready to quantize on ``device`` (compile or load kernels). Runs once per
-        load in a background thread while the first tensors are read; the driver waits
-        for it before the first ``quantize``. Nothing to prepare here."""
+        load in a background thread while the first tensors are read. Nothing to
+        prepare here."""
+
+    def unprepared(self) -> contextlib.AbstractContextManager:
+        """Where the driver runs ``quantize`` while ``prepare`` still runs in its thread:
+        a way that needs nothing ``prepare`` readies (FP8: the torch reference)."""
+        return contextlib.nullcontext()
 
     def quantize(self, rec, config) -> dict[str, torch.Tensor]:
         """Results kept after staging is freed; here the staging tensors themselves."""

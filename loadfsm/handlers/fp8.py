@@ -14,7 +14,7 @@ from torch import nn
 
 from ..quant.config import Fp8Config
 from ..quant.experts import StackedExperts
-from ..quant.fp8 import quantize_fp8, warm_fp8_kernels
+from ..quant.fp8 import quantize_fp8, reference_kernels, warm_fp8_kernels
 from ..quant.linear import Fp8Linear, Fp8StackedExperts
 from .base import WHOLE_MATRIX, Install, WeightQuantizer
 from .registry import register_handler
@@ -25,6 +25,9 @@ class Fp8Handler(WeightQuantizer):
 
     def prepare(self, config, device):
         warm_fp8_kernels(config, device)
+
+    def unprepared(self):
+        return reference_kernels()
 
     def scale_checked(self, rec, config):
         # scale = max|w| / 448 over its rows (fp8.py, convention 2): NaN/Inf reach it.

@@ -21,7 +21,6 @@ from ..ledger import MemoryLedger, nbytes
 from ..pieces import Piece
 from ..plan import Plan, check_fits
 from ..profiling import layer_range
-from ..quant.fp8 import reference_kernels
 from ..states import LayerState
 from ..trace import Tracer
 from .finiteness import FinitenessBatch, locatable, scale_checked
@@ -290,7 +289,8 @@ class ArrivalDriver:
         if self.warmup is not None and self.warmup.done():
             self.warmup = None
         with layer_range(rec.name, "quantize"), (
-                reference_kernels() if self.warmup is not None else contextlib.nullcontext()):
+                rec.handler.unprepared() if self.warmup is not None
+                else contextlib.nullcontext()):
             self._quantize(rec, by_scale)
         self.on_quantized(rec)
 

@@ -3,7 +3,7 @@
 A first load in a fresh process would otherwise stop at its first quantized layer
 while Triton initializes and loads its kernels. Each handler the plan uses gets its
 ``prepare`` run in one thread started with the session; until that thread is done the
-driver quantizes under ``quant.fp8.reference_kernels`` (the torch reference,
+driver quantizes under the handler's ``unprepared()`` (FP8: the torch reference,
 bit-identical), so no layer waits and no kernel is launched from two threads at once.
 """
 

@@ -6,6 +6,7 @@ what a chain yields; senders follow the other senders' chains and drop them.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 from typing import Iterator
 
@@ -143,8 +144,7 @@ class Peer:
     def follow(self, src: int) -> BaseException | None:
         """Receive another sender's chain and drop it; its abort is returned, not raised."""
         try:
-            for _ in Chain(self, src).buckets():
-                pass
+            collections.deque(Chain(self, src).buckets(), maxlen=0)   # received, dropped
         except SenderAbortedError as exc:
             return exc
         return None
