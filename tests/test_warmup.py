@@ -25,6 +25,12 @@ class _Preparing(Handler):
             raise self.error
 
 
+@pytest.fixture(autouse=True)
+def nothing_prepared_yet(monkeypatch):
+    """Each test starts as a fresh process would: no kernels prepared."""
+    monkeypatch.setattr(KernelWarmup, "_prepared", set())
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return write_checkpoint("tiny", tmp_path_factory.mktemp("tiny"))
@@ -83,11 +89,33 @@ def test_no_warmup_thread_on_the_cpu():
     assert session.driver.warmup is None
 
 
+def test_what_was_prepared_once_is_not_prepared_again(monkeypatch):
+    """A second warm-up of the same handler kind, config and device starts no thread (the
+    kernels stay ready for the process); a failed one is tried again."""
+    release = threading.Event()
+    release.set()
+    failing = KernelWarmup([_Preparing(release, RuntimeError("no kernel"))], None,
+                           torch.device("cpu"))
+    failing.wait()
+    handler = _Preparing(release)
+    first = KernelWarmup([handler], None, torch.device("cpu"))
+    first.wait()
+    assert handler.events == [("start", "loadfsm-warmup"), ("done", None)]
+    again = _Preparing(release)
+    second = KernelWarmup([again], None, torch.device("cpu"))
+    assert second.done() and again.events == []
+    other_config = KernelWarmup([again], "fp8-block", torch.device("cpu"))
+    other_config.wait()
+    assert again.events[0] == ("start", "loadfsm-warmup")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_a_cuda_session_warms_its_fp8_kernels():
+def test_a_cuda_session_warms_its_fp8_kernels_once():
     session = loadfsm.LoadSession(build_model("tiny"), quant="fp8", device="cuda")
     assert session.driver.warmup is not None
     session.driver.warmup.wait()
+    later = loadfsm.LoadSession(build_model("tiny"), quant="fp8", device="cuda")
+    assert later.driver.warmup is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

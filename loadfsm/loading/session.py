@@ -80,8 +80,9 @@ class LoadSession:
                                     max_in_flight=max_in_flight,
                                     on_quantized=lambda rec: hold()(rec))
         if self.device.type == "cuda":
-            self.driver.warmup = KernelWarmup(
-                {rec.handler for rec in self.plan.layers.values()}, self.quant, self.device)
+            warmup = KernelWarmup({rec.handler for rec in self.plan.layers.values()},
+                                  self.quant, self.driver.device)
+            self.driver.warmup = None if warmup.done() else warmup
         self.transaction = None       # a reload transaction while a push runs
         # The engine hook's first load: parameter name -> (the engine's weight_loader, its
         # other attributes). A reload runs these on the live (FP8) parameters.

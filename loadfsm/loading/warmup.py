@@ -17,25 +17,44 @@ import torch
 
 
 class KernelWarmup:
-    """The preparation of ``handlers`` for ``config`` on ``device``, in a thread."""
+    """The preparation of ``handlers`` for ``config`` on ``device``, in a thread.
+
+    What was prepared once stays prepared for the process (Triton keeps its kernels): a
+    later session starts no thread, so its first layers quantize on the kernels at once
+    instead of on the reference (which also needs a float32 copy of each chunk).
+    """
+
+    # (handler class, config, device) prepared in this process: kernels, not layers.
+    _prepared: set[tuple[type, str, str]] = set()
+    _lock = threading.Lock()
 
     def __init__(self, handlers: Iterable, config, device: torch.device):
-        self._thread = threading.Thread(target=self._prepare, name="loadfsm-warmup",
-                                        args=(list(handlers), config, device), daemon=True)
-        self._thread.start()
+        pending = [h for h in handlers if _key(h, config, device) not in self._prepared]
+        self._thread = None
+        if pending:
+            self._thread = threading.Thread(target=self._prepare, name="loadfsm-warmup",
+                                            args=(pending, config, device), daemon=True)
+            self._thread.start()
 
-    @staticmethod
-    def _prepare(handlers: list, config, device: torch.device) -> None:
+    @classmethod
+    def _prepare(cls, handlers: list, config, device: torch.device) -> None:
         try:
             with (torch.cuda.device(device) if device.type == "cuda"
                   else contextlib.nullcontext()):
                 for handler in handlers:
                     handler.prepare(config, device)
+                    with cls._lock:
+                        cls._prepared.add(_key(handler, config, device))
         except Exception:       # noqa: BLE001 -- only a head start: a kernel that cannot
             return              # run fails again at its first layer, typed, in the load
 
     def done(self) -> bool:
-        return not self._thread.is_alive()
+        return self._thread is None or not self._thread.is_alive()
 
     def wait(self) -> None:
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def _key(handler, config, device: torch.device) -> tuple[type, str, str]:
+    return type(handler), repr(config), str(device)
