@@ -1,6 +1,8 @@
-"""Colocated transport on CPU: a trainer process shares memfd buckets with the engine (this
-process), which pushes views of them into its WeightSync; the same code as CUDA IPC."""
+"""Colocated transport on CPU: a trainer process shares memfd buckets (and its large
+tensors' own storages, moved into shared memory) with the engine (this process), which
+pushes views of them into its WeightSync; the same code as CUDA IPC."""
 
+import math
 import multiprocessing
 import os
 import threading
@@ -25,7 +27,8 @@ from faults import raising_after
 from tiny_models import SMALL, SMALL_MOE
 
 STEPS = 3
-BUCKET_BYTES = 16 << 10     # several buckets per push; the embedding outgrows one
+BUCKET_BYTES = 16 << 10     # several buckets per push
+DIRECT_MIN_BYTES = 32 << 10   # embedding, lm_head, qkv, o, gate_up read in place
 CTX = multiprocessing.get_context("spawn")
 
 
@@ -39,12 +42,13 @@ def _train_step(model, optimizer, step):
     optimizer.step()
 
 
-def _trainer(conn, config, tmp, steps, tail, device):
+def _trainer(conn, config, tmp, steps, tail, device, direct_min_bytes):
     """Push ``steps`` optimizer steps (saving, before each, what a fresh load reads and the
     checksums the engine must show), then run ``tail`` (a fault) with the next weights."""
     model = load_reference_model(config, seed=0, device=device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=50.0)
-    sender = ColocatedSender(conn, bucket_bytes=BUCKET_BYTES, device=device)
+    sender = ColocatedSender(conn, bucket_bytes=BUCKET_BYTES, device=device,
+                             direct_min_bytes=direct_min_bytes)
     for step in range(steps + (tail is not None)):
         _train_step(model, optimizer, step)
         torch.save({"weights": {n: t.cpu().clone() for n, t in checkpoint_tensors(model)},
@@ -79,7 +83,31 @@ def _die(sender, model, step):
            version=step)
 
 
-TAILS = {"abort": _abort_then_push, "stall": _stall, "die": _die}
+def _die_at_direct(sender, model, step):
+    """Send a push's first tensor (the embedding, read in place), then be killed."""
+    import os
+    import signal
+    sender(_then(model.named_parameters(), 1, lambda: os.kill(os.getpid(), signal.SIGKILL)),
+           version=step)
+
+
+def _stall_after_direct(sender, model, step):
+    """Send a push's first tensor (the embedding, read in place), then go silent while
+    alive (until the test kills us)."""
+    sender(_then(model.named_parameters(), 1, lambda: time.sleep(3600)), version=step)
+
+
+def _reallocate(sender, model, step):
+    """The embedding moves to a new storage (same values); pushed three times."""
+    embedding = model.get_input_embeddings().weight
+    embedding.data = embedding.data.clone()
+    for _ in range(3):
+        sender(model.named_parameters(), version=step)
+
+
+TAILS = {"abort": _abort_then_push, "stall": _stall, "die": _die,
+         "die_at_direct": _die_at_direct, "stall_after_direct": _stall_after_direct,
+         "reallocate": _reallocate}
 
 
 def _then(items, n, action):
@@ -97,13 +125,14 @@ def _engine(config, *, commit_bytes=None, trace=True, device="cpu"):
     return model, loadfsm.WeightSync(model, trace=trace, **kwargs)
 
 
-def _start(config, tmp, steps, tail=None, device="cpu", keep_their_end=False):
+def _start(config, tmp, steps, tail=None, device="cpu", keep_their_end=False,
+           direct_min_bytes=DIRECT_MIN_BYTES):
     """The trainer in a process of its own; its connection's other end. With
     ``keep_their_end``, this process keeps a copy of the trainer's end open, so the
     trainer's death does not close the connection: only its pid tells."""
     ours, theirs = CTX.Pipe()
     process = CTX.Process(target=_trainer, args=(theirs, config, str(tmp), steps, tail,
-                                                 device))
+                                                 device, direct_min_bytes))
     process.start()
     if keep_their_end:
         process.their_end = theirs          # kept open as long as the process object
@@ -119,21 +148,28 @@ def _fresh(config, tmp, step, device="cpu"):
     return fresh.state_dict(), saved["checksums"]
 
 
+def _inside(tensor, shared):
+    """Whether ``tensor`` starts inside one of the ``shared`` buffers."""
+    return any(b.tensor.data_ptr() <= tensor.data_ptr() < b.tensor.data_ptr()
+               + b.tensor.numel() for b in shared.values())
+
+
 class _Recording:
     """A ``WeightSync`` that also records, for every tensor it is fed, whether it lies
-    inside one of ``receiver``'s shared buckets when it arrives."""
+    inside one of ``receiver``'s shared buckets when it arrives, or inside a trainer
+    storage it maps (``direct``, by name)."""
 
     def __init__(self, sync):
         self.sync, self.session, self.device = sync, sync.session, sync.device
-        self.receiver, self.inside = None, []
+        self.receiver, self.inside, self.direct = None, [], set()
 
     def push(self, arrivals, version=None):
         def fed():
             for name, tensor in arrivals:
-                self.inside.append(any(
-                    b.tensor.data_ptr() <= tensor.data_ptr()
-                    < b.tensor.data_ptr() + b.tensor.numel()
-                    for b in self.receiver.buckets.values()))
+                if _inside(tensor, self.receiver.direct):
+                    self.direct.add(name)
+                self.inside.append(_inside(tensor, self.receiver.buckets)
+                                   or name in self.direct)
                 yield name, tensor
         return self.sync.push(fed(), version=version)
 
@@ -141,16 +177,25 @@ class _Recording:
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.fixture(scope="module", ids=["dense", "moe", "dense-borrowed", "dense-cuda-ipc"],
-                params=[(SMALL, "cpu", False), (SMALL_MOE, "cpu", False), (SMALL, "cpu", True),
-                        pytest.param((SMALL, "cuda", False), marks=CUDA)])
+@pytest.fixture(scope="module",
+                ids=["dense", "moe", "dense-borrowed", "dense-buckets-only", "dense-cuda-ipc",
+                     "dense-cuda-ipc-buckets-only"],
+                params=[(SMALL, "cpu", False, DIRECT_MIN_BYTES),
+                        (SMALL_MOE, "cpu", False, DIRECT_MIN_BYTES),
+                        (SMALL, "cpu", True, DIRECT_MIN_BYTES),
+                        (SMALL, "cpu", False, math.inf),
+                        pytest.param((SMALL, "cuda", False, DIRECT_MIN_BYTES), marks=CUDA),
+                        pytest.param((SMALL, "cuda", False, math.inf), marks=CUDA)])
 def pushes(request, tmp_path_factory):
-    """Three steps pushed through shared buckets (memfd on CPU; CUDA IPC, both processes
-    on one GPU); per step, how the engine compares. "borrowed": every plain layer pushed
-    whole is committed straight from the bucket, before the next tensor is read."""
-    (config, device, borrow), tmp = request.param, tmp_path_factory.mktemp("colocated")
+    """Three steps pushed through shared buckets and, for tensors of at least
+    ``DIRECT_MIN_BYTES``, the trainer's own storages (memfd and shared memory on CPU;
+    CUDA IPC, both processes on one GPU); per step, how the engine compares. "borrowed":
+    every plain layer pushed whole is committed straight from the shared memory, before
+    the next tensor is read."""
+    (config, device, borrow, direct_min), tmp = (request.param,
+                                                 tmp_path_factory.mktemp("colocated"))
     model, sync = _engine(config, device=device)
-    process, conn = _start(config, tmp, STEPS, device=device)
+    process, conn = _start(config, tmp, STEPS, device=device, direct_min_bytes=direct_min)
     recording = _Recording(sync)
     receiver = recording.receiver = ColocatedReceiver(recording, conn)
     addresses = {n: t.data_ptr() for n, t in model.state_dict().items()}
@@ -165,13 +210,18 @@ def pushes(request, tmp_path_factory):
             steps.append(dict(
                 report=report, version=sync.version, layer_versions=dict(sync.layer_versions),
                 layers=len(sync.layer_versions), opened=receiver.buckets_opened,
-                tables=receiver.tables_received,
+                tables=receiver.tables_received, direct_min_bytes=direct_min,
+                direct=set(recording.direct), direct_opened=receiver.direct_opened,
+                direct_mapped=len(receiver.direct),
+                large={n for n, t in load_reference_model(config, seed=0).named_parameters()
+                       if t.nbytes >= direct_min},
                 viewed=recording.inside and all(recording.inside),
                 checksums_match=layer_checksums(sync) == checksums,
                 mismatched=[n for n, t in state.items() if not same(t, expected[n])],
                 moved=[n for n, t in state.items() if t.data_ptr() != addresses[n]],
                 changed=any(not same(t, previous[n]) for n, t in state.items())))
             recording.inside.clear()
+            recording.direct.clear()
             previous = snapshot(model)
     finally:
         driver.BORROW_MIN_BYTES = borrow_min
@@ -193,13 +243,40 @@ def test_push_keeps_every_address(pushes):
 
 
 def test_engine_reads_views_of_the_shared_buckets(pushes):
-    """Every tensor the push is fed lies inside a shared bucket: no copy before the push."""
+    """Every tensor the push is fed lies inside a shared bucket or a trainer storage the
+    engine maps: no copy before the push."""
     assert all(record["viewed"] for record in pushes)
 
 
+def test_large_tensors_are_read_from_the_trainers_storage(pushes):
+    """Tensors of at least ``direct_min_bytes`` arrive as views of the trainer's own
+    storage (the embedding among them), the rest through buckets; none with
+    ``math.inf``."""
+    for record in pushes:
+        if record["direct_min_bytes"] == math.inf:
+            assert record["direct"] == set() and record["direct_opened"] == 0
+        else:
+            assert "model.embed_tokens.weight" in record["direct"]
+            assert record["direct"] == record["large"]
+            assert record["report"].tensors_received > len(record["direct"])  # + buckets
+
+
+def test_trainer_storages_are_mapped_for_good_from_the_second_push(pushes):
+    """The engine maps each directly read storage in the first push and lets it go at its
+    end (the trainer might free it); the second push, the trainer having kept it, maps
+    it again for good; the third maps none."""
+    if pushes[0]["direct_min_bytes"] == math.inf:
+        pytest.skip("buckets only")
+    first = pushes[0]["direct_opened"]
+    assert first >= 2 and pushes[0]["direct_mapped"] == 0
+    assert [record["direct_opened"] for record in pushes[1:]] == [2 * first] * (STEPS - 1)
+    assert [record["direct_mapped"] for record in pushes[1:]] == [first] * (STEPS - 1)
+
+
 def test_buckets_are_opened_once_and_reused(pushes):
-    """The first push opens the shared buckets; later pushes open none."""
-    assert pushes[0]["opened"] >= 2
+    """The first push opens the shared buckets (several when every tensor goes through
+    one); later pushes open none."""
+    assert pushes[0]["opened"] >= (2 if pushes[0]["direct_min_bytes"] == math.inf else 1)
     assert [record["opened"] for record in pushes] == [pushes[0]["opened"]] * STEPS
 
 
@@ -207,7 +284,7 @@ def test_tables_are_sent_once_per_layout(pushes):
     """Once every bucket has grown to its largest (the first push, or the second: a bucket
     that grew is shared again, its tables with it), pushes of the same layout send no
     table: the engine reuses its views (and still matches a fresh load)."""
-    assert pushes[0]["tables"] >= 2
+    assert pushes[0]["tables"] >= 1
     assert pushes[-1]["tables"] == pushes[-2]["tables"]
 
 
@@ -314,7 +391,8 @@ def test_trainer_waits_for_the_engine_before_refilling_a_bucket():
     """With two buckets, the trainer sends two and waits; the engine's acknowledgement of
     bucket 0 lets it refill bucket 0, which it does not share again."""
     engine_end, trainer_end = multiprocessing.Pipe()
-    sender = ColocatedSender(trainer_end, bucket_bytes=64, buckets=2)
+    sender = ColocatedSender(trainer_end, bucket_bytes=64, buckets=2,
+                             direct_min_bytes=math.inf)
     tensors = [(f"t{i}", torch.full((16,), float(i))) for i in range(4)]   # 64 B each
     thread = threading.Thread(target=sender, args=(tensors,), daemon=True)
     thread.start()
@@ -363,7 +441,8 @@ def test_engine_gone_fails_the_trainers_push():
     """An engine that closes its connection while the trainer waits for an
     acknowledgement gives the trainer ReceiverDiedError, not a hang."""
     engine_end, trainer_end = multiprocessing.Pipe()
-    sender = ColocatedSender(trainer_end, bucket_bytes=64, buckets=2)
+    sender = ColocatedSender(trainer_end, bucket_bytes=64, buckets=2,
+                             direct_min_bytes=math.inf)
     raised = []
 
     def push():

@@ -8,7 +8,10 @@ runs the same code), shares each once, and per push sends only small messages ov
 ``AF_UNIX`` address for processes that are not parent and child, such as Ray actors),
 in steps C1..C5 (ARCHITECTURE.md). A bucket's table (names, shapes, dtypes, offsets)
 travels only when the push's layout changed; both sides keep their views of the bucket,
-so a push of many small tensors costs little Python per tensor.
+so a push of many small tensors costs little Python per tensor. A tensor of at least
+``direct_min_bytes`` is not copied into a bucket: the engine maps its storage and reads
+it in place (``colocated_direct``), acknowledging it like a bucket; the trainer holds it
+until then.
 
 The engine never waits forever: a trainer process that is gone (closed connection, or a
 pid that no longer runs) or silent for ``timeout_s`` in the middle of a push fails the
@@ -29,6 +32,8 @@ import torch
 from torch.multiprocessing.reductions import reduce_tensor
 
 from ..errors import LoadError, PushError
+from ..loading.driver import indexed
+from .colocated_direct import DirectShares
 
 DEFAULT_BUCKET_BYTES = 256 << 20
 DEFAULT_TIMEOUT_S = 300.0     # silence mid-push before the peer counts as gone
@@ -94,6 +99,17 @@ def pid_namespace() -> str | None:
         return None
 
 
+def share(conn: Connection, message: dict, whole: torch.Tensor, fd: int | None = None) -> None:
+    """C3: ``message`` with the handle of ``whole`` (uint8, a whole bucket or trainer
+    storage): its CUDA IPC handle, or (CPU) ``fd`` of its shared memory, passed over
+    ``conn``."""
+    if whole.is_cuda:
+        conn.send({**message, "size": whole.numel(), "cuda": reduce_tensor(whole)})
+    else:
+        conn.send({**message, "size": whole.numel(), "cuda": None})
+        send_handle(conn, fd, 0)
+
+
 def stream_sync(device: torch.device) -> None:
     """The work this thread queued on ``device`` (a bucket's fill) is done; other streams
     of the process run on."""
@@ -114,17 +130,27 @@ class ColocatedSender:
             processes on the same GPU). Defaults to the first pushed tensor's device.
         timeout_s: seconds to wait for the engine's acknowledgement before
             ``ReceiverDiedError``.
+        direct_min_bytes: a tensor of at least that many bytes, on the buckets' device,
+            is shared directly: the engine reads its storage in place, no bucket copy
+            (on CPU the storage moves into shared memory at its first push). ``None``:
+            ``bucket_bytes``; ``math.inf``: every tensor goes through a bucket.
     """
 
     def __init__(self, conn: Connection, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 buckets: int = 2, device=None, timeout_s: float = DEFAULT_TIMEOUT_S):
+                 buckets: int = 2, device=None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 direct_min_bytes: float | None = None):
         if bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
         if buckets < 2:
             raise ValueError(f"buckets must be >= 2 (one filled while one is read), got "
                              f"{buckets}")
+        if direct_min_bytes is None:
+            direct_min_bytes = bucket_bytes
+        if direct_min_bytes < 1:
+            raise ValueError(f"direct_min_bytes must be >= 1, got {direct_min_bytes}")
         self.conn, self.bucket_bytes, self.timeout_s = conn, bucket_bytes, timeout_s
-        self.device = torch.device(device) if device is not None else None
+        self.direct_min_bytes = direct_min_bytes
+        self.device = indexed(torch.device(device)) if device is not None else None
         self._buckets: list[SharedBucket | None] = [None] * buckets
         self._busy: set[int] = set()          # buckets the engine has not acknowledged
         self._next = 0
@@ -132,6 +158,9 @@ class ColocatedSender:
         # there. A push with the same layout sends no table (the engine keeps its views).
         self._layouts: list[tuple[int, list] | None] = []
         self._position = 0
+        self._direct = DirectShares()
+        self._lent: dict[int, torch.Tensor] = {}   # direct tensors the engine may read
+        self._lends = 0
         self.conn.send({"kind": "hello", "pid": os.getpid(),                         # C1
                         "pid_namespace": pid_namespace()})
 
@@ -143,19 +172,25 @@ class ColocatedSender:
 
         Raises:
             ReceiverDiedError: the engine went away.
-            Whatever the iterator raised, after telling the engine to roll back.
+            Whatever the iterator raised, after telling the engine to roll back (and
+            once it no longer reads any tensor of the trainer's).
         """
         self.conn.send({"kind": "begin", "version": version})                        # C2
+        self._drop(self._direct.begin())
         self._next = self._position = 0   # the same layout fills the same buckets
         pending: list[tuple[str, torch.Tensor]] = []
         size = sent = 0
         try:
             for name, tensor in named_tensors:
+                tensor = tensor.detach()
                 n = tensor.nbytes
+                if n >= self.direct_min_bytes and self._on_bucket_device(tensor):
+                    sent += self._send_direct(name, tensor)
+                    continue
                 if pending and size + n > self.bucket_bytes:
                     sent += self._send_bucket(pending)
                     pending, size = [], 0
-                pending.append((name, tensor.detach()))
+                pending.append((name, tensor))
                 size += _aligned(n)
             if pending:
                 sent += self._send_bucket(pending)
@@ -164,13 +199,49 @@ class ColocatedSender:
         except BaseException as exc:
             try:
                 self.conn.send({"kind": "abort", "reason": f"{type(exc).__name__}: {exc}"})
-            except OSError:
+                self._drain()         # the trainer may change its tensors once we raise
+            except (OSError, ReceiverDiedError):
                 pass                  # the engine is gone too; the original error says why
             raise
+        self._drop(self._direct.end())
         self.conn.send({"kind": "end"})                                              # C5
-        while self._busy:
-            self._take_ack()
+        self._drain()
         return sent
+
+    def _on_bucket_device(self, tensor: torch.Tensor) -> bool:
+        return self.device is None or tensor.device == self.device
+
+    def _send_direct(self, name: str, tensor: torch.Tensor) -> int:
+        """C4 for one tensor read in place: its storage shared (C3) unless the engine
+        maps it already; the tensor held until the engine acknowledges it."""
+        storage = tensor.untyped_storage()
+        mapping = self._direct.mapped(storage)
+        if mapping is None:
+            if tensor.is_cuda:
+                whole = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
+                mapping = self._direct.share_as(storage)
+                share(self.conn, {"kind": "share", "direct": mapping}, whole)
+            else:
+                fd, _ = storage._share_fd_cpu_()   # moves it into shared memory, once
+                mapping = self._direct.share_as(storage)
+                share(self.conn, {"kind": "share", "direct": mapping},
+                      torch.empty(0, dtype=torch.uint8).set_(storage), fd)
+        stream_sync(tensor.device)              # the trainer's writes landed
+        self._lends += 1
+        self._lent[self._lends] = tensor
+        self.conn.send({"kind": "direct", "id": mapping, "lent": self._lends,        # C4
+                        "tensor": (name, tuple(tensor.shape), tensor.stride(),
+                                   tensor.storage_offset(), tensor.dtype)})
+        return tensor.nbytes
+
+    def _drop(self, mappings: list[int]) -> None:
+        if mappings:
+            self.conn.send({"kind": "drop", "direct": mappings})
+
+    def _drain(self) -> None:
+        """Wait until the engine read every bucket and direct tensor sent."""
+        while self._busy or self._lent:
+            self._take_ack()
 
     def _send_bucket(self, tensors: list[tuple[str, torch.Tensor]]) -> int:
         index, self._next = self._next, (self._next + 1) % len(self._buckets)
@@ -212,34 +283,38 @@ class ColocatedSender:
         if device.type == "cuda":
             tensor = torch.empty(size, dtype=torch.uint8, device=device)
             self._buckets[index] = SharedBucket(tensor)
-            self.conn.send({"kind": "share", "index": index, "size": size,
-                            "cuda": reduce_tensor(tensor)})
+            share(self.conn, {"kind": "share", "index": index}, tensor)
         else:
             fd = os.memfd_create(f"loadfsm-bucket-{index}", os.MFD_CLOEXEC)
             try:
                 os.ftruncate(fd, size)
                 mapping = mmap.mmap(fd, size)
-                self.conn.send({"kind": "share", "index": index, "size": size, "cuda": None})
-                send_handle(self.conn, fd, 0)
+                self._buckets[index] = SharedBucket(
+                    torch.frombuffer(mapping, dtype=torch.uint8), mapping)
+                share(self.conn, {"kind": "share", "index": index},
+                      self._buckets[index].tensor, fd)
             finally:
                 os.close(fd)
-            self._buckets[index] = SharedBucket(torch.frombuffer(mapping, dtype=torch.uint8),
-                                           mapping)
         return self._buckets[index].tensor
 
     def _take_ack(self) -> None:
         if not self.conn.poll(self.timeout_s):
-            raise ReceiverDiedError(f"the engine did not acknowledge a bucket within "
-                                    f"{self.timeout_s} s")
+            raise ReceiverDiedError(f"the engine did not acknowledge a bucket or tensor "
+                                    f"within {self.timeout_s} s")
         try:
             message = self.conn.recv()
         except (EOFError, OSError) as exc:
             raise ReceiverDiedError(f"the engine closed its connection: {exc!r}") from exc
-        self._busy.discard(message["index"])
+        if "lent" in message:
+            del self._lent[message["lent"]]     # the engine read it: the trainer's again
+        else:
+            self._busy.discard(message["index"])
 
     def close(self) -> None:
-        """Free the buckets (an engine still mapping one keeps it until it closes)."""
+        """Free the buckets (an engine still mapping one, or a directly shared storage,
+        keeps it until it closes)."""
         self._layouts.clear()
+        self._direct.clear()
         for bucket in self._buckets:
             if bucket is not None:
                 bucket.close()

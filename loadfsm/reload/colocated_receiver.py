@@ -1,5 +1,6 @@
 """Engine side of the colocated transport (``colocated``): a trainer's pushes applied in
-place from the shared buckets, steps C1..C5 (ARCHITECTURE.md)."""
+place from the shared buckets and the trainer storages it shares directly
+(``colocated_direct``), steps C1..C5 (ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ..trace import failure
 from ..watchdog import Watchdog
 from .colocated import (DEFAULT_TIMEOUT_S, POLL_S, SenderDiedError, SharedBucket,
                         bucket_views, pid_namespace, process_alive)
+from .colocated_direct import storage_view
 from .sync import SyncReport, WeightSync
 from .transport import STALL_WARNING_S, SenderAbortedError
 
@@ -63,6 +65,8 @@ class ColocatedReceiver:
         self.timeout_s, self.stall_warning_s = timeout_s, stall_warning_s
         self.buckets: dict[int, SharedBucket] = {}
         self.buckets_opened = 0       # shared handles opened: once per bucket, not per push
+        self.direct: dict[int, SharedBucket] = {}   # trainer storages mapped, by id
+        self.direct_opened = 0        # trainer storages mapped, all pushes
         self.tables_received = 0      # buckets whose table came (a new layout), all pushes
         # Per bucket of a push, in order: (bucket, its views), kept for the next push.
         self._layouts: list[tuple[int, list[tuple[str, torch.Tensor]]] | None] = []
@@ -99,31 +103,44 @@ class ColocatedReceiver:
             raise
 
     def arrivals(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(name, tensor)`` views of each shared bucket of the push under way,
-        until its end message. A bucket is acknowledged once the device ran every read
-        of it; until then the next bucket's reads are queued behind, so the device never
-        waits for this process (``_release``).
+        """Yield ``(name, tensor)`` views of each shared bucket and directly shared
+        trainer storage of the push under way, until its end message. Each is
+        acknowledged once the device ran every read of it; until then the next one's
+        reads are queued behind, so the device never waits for this process
+        (``_release``).
 
         Raises:
             SenderAbortedError: the trainer's iterator raised mid-push.
             SenderDiedError: the trainer went away mid-push.
         """
-        reading: collections.deque = collections.deque()    # (bucket, fence), oldest first
+        reading: collections.deque = collections.deque()    # (ack, fence), oldest first
         position = 0
         while True:
             self._release(reading)
-            message = self._recv(self.timeout_s, expect=("share", "bucket", "end", "abort"))
+            message = self._recv(self.timeout_s, expect=("share", "bucket", "direct",
+                                                         "drop", "end", "abort"))
             kind = message["kind"]
-            if kind in ("end", "abort"):
+            if kind in ("end", "abort", "drop"):
                 self._release(reading, wait=True)     # the trainer's next push needs them
             if kind == "end":
                 return
             if kind == "abort":
                 raise SenderAbortedError(f"sender aborted the push: {message['reason']}")
+            if kind == "drop":
+                for mapping in message["direct"]:
+                    self.direct.pop(mapping).close()
+                continue
             if kind == "share":
                 self._open(message)
                 continue
             self._check_alive()
+            if kind == "direct":
+                name, shape, stride, offset, dtype = message["tensor"]
+                base = self.direct[message["id"]].tensor
+                yield name, storage_view(base, dtype, shape, stride, offset)
+                reading.append(({"kind": "ack", "lent": message["lent"]},
+                                read_fence(self.sync.device)))
+                continue
             index = message["index"]
             if message["tensors"] is not None:
                 self._remember(position, index, message["tensors"])
@@ -132,7 +149,7 @@ class ColocatedReceiver:
                                       "came without its table", committed=[])
             yield from self._layouts[position][1]
             position += 1
-            reading.append((index, read_fence(self.sync.device)))
+            reading.append(({"kind": "ack", "index": index}, read_fence(self.sync.device)))
 
     def _remember(self, position: int, index: int, table: list) -> None:
         """Views of bucket ``index`` per ``table``, for this push and the next ones with
@@ -143,43 +160,55 @@ class ColocatedReceiver:
         self.tables_received += 1
 
     def _release(self, reading: collections.deque, *, wait: bool = False) -> None:
-        """Acknowledge, oldest first, the buckets whose reads ran. While the device still
-        reads one, a message already here goes first (its reads queue behind); with none
-        (or ``wait``), wait for the device: the trainer may need the bucket back."""
+        """Acknowledge, oldest first, the buckets and direct tensors whose reads ran.
+        While the device still reads one, a message already here goes first (its reads
+        queue behind); with none (or ``wait``), wait for the device: the trainer may
+        need the bucket back."""
         while reading:
-            index, fence = reading[0]
+            ack, fence = reading[0]
             if not fence.query():
                 if wait:
                     fence.synchronize()
                 elif self.conn.poll(ACK_POLL_S):
                     return
                 continue
-            self.conn.send({"kind": "ack", "index": index})
+            try:
+                self.conn.send(ack)
+            except OSError as exc:
+                raise SenderDiedError(f"the trainer closed its connection ({exc!r})",
+                                      committed=[]) from exc
             reading.popleft()
 
     def _open(self, message: dict) -> None:
-        """C3: map a bucket once; it is reused by every later push."""
+        """C3: map a bucket or a trainer storage once; reused by every later push that
+        reads it."""
+        if "direct" in message:
+            self.direct[message["direct"]] = self._map(message, f"storage {message['direct']}")
+            self.direct_opened += 1
+            return
         old = self.buckets.pop(message["index"], None)
         self._layouts = [None if layout is not None and layout[0] == message["index"]
                          else layout for layout in self._layouts]   # as the trainer does
         if old is not None:
             old.close()
+        self.buckets[message["index"]] = self._map(message, f"bucket {message['index']}")
+        self.buckets_opened += 1
+
+    def _map(self, message: dict, what: str) -> SharedBucket:
+        """The shared memory ``message`` hands over, as one uint8 tensor."""
         if message["cuda"] is not None:
             rebuild, args = message["cuda"]
-            self.buckets[message["index"]] = SharedBucket(rebuild(*args))
-        else:
-            try:
-                fd = recv_handle(self.conn)
-            except (EOFError, OSError, RuntimeError) as exc:     # the trainer died sharing
-                raise SenderDiedError(f"the trainer went away while sharing bucket "
-                                      f"{message['index']} ({exc!r})", committed=[]) from exc
-            try:
-                mapping = mmap.mmap(fd, message["size"])
-            finally:
-                os.close(fd)
-            self.buckets[message["index"]] = SharedBucket(
-                torch.frombuffer(mapping, dtype=torch.uint8), mapping)
-        self.buckets_opened += 1
+            return SharedBucket(rebuild(*args))
+        try:
+            fd = recv_handle(self.conn)
+        except (EOFError, OSError, RuntimeError) as exc:     # the trainer died sharing
+            raise SenderDiedError(f"the trainer went away while sharing {what} ({exc!r})",
+                                  committed=[]) from exc
+        try:
+            mapping = mmap.mmap(fd, message["size"])
+        finally:
+            os.close(fd)
+        return SharedBucket(torch.frombuffer(mapping, dtype=torch.uint8), mapping)
 
     def _recv(self, timeout: float | None, expect: tuple[str, ...]) -> dict:
         """The next message of a kind in ``expect`` (a ``hello`` is taken on the way),
@@ -214,8 +243,9 @@ class ColocatedReceiver:
                                   committed=[])
 
     def close(self) -> None:
-        """Unmap the shared buckets."""
+        """Unmap the shared buckets and trainer storages."""
         self._layouts.clear()
-        for bucket in self.buckets.values():
-            bucket.close()
+        for shared in (*self.buckets.values(), *self.direct.values()):
+            shared.close()
         self.buckets.clear()
+        self.direct.clear()
