@@ -99,7 +99,7 @@ def _stall_after_direct(sender, model, step):
 
 def _reallocate(sender, model, step):
     """The embedding moves to a new storage (same values); pushed three times."""
-    embedding = model.get_input_embeddings().weight
+    embedding = model.model.embed_tokens.weight
     embedding.data = embedding.data.clone()
     for _ in range(3):
         sender(model.named_parameters(), version=step)

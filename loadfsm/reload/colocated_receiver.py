@@ -130,10 +130,10 @@ class ColocatedReceiver:
                 for mapping in message["direct"]:
                     self.direct.pop(mapping).close()
                 continue
+            self._check_alive()          # a dead trainer's memory is neither mapped nor read
             if kind == "share":
                 self._open(message)
                 continue
-            self._check_alive()
             if kind == "direct":
                 name, shape, stride, offset, dtype = message["tensor"]
                 base = self.direct[message["id"]].tensor
