@@ -22,6 +22,9 @@ def _measured_load(model, tiny_dir, quant):
     first layers quantize on the reference while they warm), and no garbage of earlier
     tests freed during it (the peak is taken above the memory allocated at its start)."""
     loadfsm.load(build_model("tiny"), tiny_dir, quant=quant, device="cuda")
+    warmup = loadfsm.LoadSession(build_model("tiny"), quant=quant, device="cuda").driver.warmup
+    if warmup is not None:      # a cold Triton cache: seconds
+        warmup.wait()
     gc.collect()
     return loadfsm.load(model, tiny_dir, quant=quant, device="cuda")
 

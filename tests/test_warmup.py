@@ -131,3 +131,26 @@ def test_reference_kernels_keep_triton_out_on_cuda(monkeypatch):
     assert not calls
     assert torch.equal(q.view(torch.uint8), expected.view(torch.uint8))
     assert torch.equal(scale, expected_scale)
+
+
+def test_a_push_waits_for_the_kernels_instead_of_the_reference(tiny_dir, monkeypatch):
+    """A push runs again and again: its layers wait for a warm-up still running rather than
+    quantize on the reference (a load does not wait)."""
+    model = build_model("tiny")
+    loadfsm.load(model, tiny_dir, quant="fp8", device="cpu")
+    sync = loadfsm.WeightSync(model)
+    release = threading.Event()
+    handler = _Preparing(release)
+    sync.session.driver.warmup = KernelWarmup([handler], sync.session.quant,
+                                              torch.device("cpu"))
+    modes = []
+    real = fp8.quantize_fp8_into
+    monkeypatch.setattr(fp8, "quantize_fp8_into", lambda *a: (
+        modes.append((getattr(fp8._THREAD, "reference", False), len(handler.events))),
+        real(*a))[1])
+    threading.Timer(0.3, release.set).start()
+    source = SafetensorsSource(tiny_dir)
+    sync.push(source.read(None))
+    source.close()
+    assert modes and all(mode == (False, 2) for mode in modes)    # after "done", on kernels
+    assert sync.session.driver.warmup is None

@@ -17,6 +17,7 @@ def run(session: LoadSession, source: Source) -> LoadReport:
         order = session.match(entries, source.index()) if entries is not None else None
         for name, tensor in source.read(order):
             session.arrive(name, tensor)
+            del tensor      # a handed-over device tensor is freed before the next is read
         return session.finish()
     except BaseException as exc:
         session.fail(exc)          # traces load_failed; nothing unverified stays installed

@@ -286,7 +286,8 @@ class ArrivalDriver:
         by_scale = FinitenessBatch.record_layer(rec, by_scale)
         src, dst = rec.fire(trigger)
         self.transition(rec, src, dst, trigger)
-        if self.warmup is not None and self.warmup.done():
+        if self.warmup is not None and (self.reloading or self.warmup.done()):
+            self.warmup.wait()      # a push runs again and again: it waits for the kernels
             self.warmup = None
         with layer_range(rec.name, "quantize"), (
                 rec.handler.unprepared() if self.warmup is not None

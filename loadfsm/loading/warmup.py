@@ -26,6 +26,8 @@ class KernelWarmup:
 
     # (handler class, config, device) prepared in this process: kernels, not layers.
     _prepared: set[tuple[type, str, str]] = set()
+    # One preparation at a time in a process: a second session's warm-up waits for the
+    # first instead of compiling the same Triton kernels beside it.
     _lock = threading.Lock()
 
     def __init__(self, handlers: Iterable, config, device: torch.device):
@@ -39,12 +41,13 @@ class KernelWarmup:
     @classmethod
     def _prepare(cls, handlers: list, config, device: torch.device) -> None:
         try:
-            with (torch.cuda.device(device) if device.type == "cuda"
-                  else contextlib.nullcontext()):
+            with cls._lock, (torch.cuda.device(device) if device.type == "cuda"
+                             else contextlib.nullcontext()):
                 for handler in handlers:
-                    handler.prepare(config, device)
-                    with cls._lock:
-                        cls._prepared.add(_key(handler, config, device))
+                    key = _key(handler, config, device)
+                    if key not in cls._prepared:
+                        handler.prepare(config, device)
+                        cls._prepared.add(key)
         except Exception:       # noqa: BLE001 -- only a head start: a kernel that cannot
             return              # run fails again at its first layer, typed, in the load
 

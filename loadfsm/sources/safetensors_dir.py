@@ -135,6 +135,7 @@ class SafetensorsSource:
                     tensor, slot, assembling = (
                         assembling.view(entry.dtype).view(entry.shape), None, None)
                 yield name, tensor
+                del tensor      # an assembled device tensor is not kept past its turn
                 if slot is large:
                     large.free.release()
                 elif slot is not None:
