@@ -188,3 +188,31 @@ def test_import_loadfsm_does_not_need_transformers():
     """import loadfsm (and loadfsm.hf) leaves transformers unimported."""
     code = "import sys, loadfsm, loadfsm.hf; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_source_wrapper_hands_tensors_over_like_its_source(checkpoints):
+    """The transformers path's source keeps ``owned_arrivals`` (a GPU load keeps the device
+    tensors its source assembles as the layers' storage, as ``loadfsm.load`` does)."""
+    from loadfsm.integrations.hf import _Ignoring
+    from loadfsm.sources.safetensors_dir import SafetensorsSource
+    for device in ("cpu", "cuda"):       # the flag only: no CUDA call is made
+        source = SafetensorsSource(checkpoints["llama"], device=device)
+        assert _Ignoring(source, set()).owned_arrivals is (device == "cuda")
+        source.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_load_keeps_the_tensors_its_source_assembles(checkpoints, monkeypatch):
+    import loadfsm.sources.safetensors_dir as safetensors_dir
+    from loadfsm.loading.driver import ArrivalDriver
+    monkeypatch.setattr(safetensors_dir, "RING_BYTES", 4 << 10)   # every large tensor chunked
+    aliased = []
+    real = ArrivalDriver._materialize
+    monkeypatch.setattr(ArrivalDriver, "_materialize", lambda self, rec, alias=None: (
+        aliased.append(rec.name) if alias is not None else None, real(self, rec, alias))[1])
+    loaded = loadfsm.hf.from_pretrained(checkpoints["llama"], device="cuda")
+    assert "model.embed_tokens" in aliased and "lm_head" in aliased
+    expected = _reference(checkpoints["llama"], "llama")
+    assert torch.equal(loaded.model.model.embed_tokens.weight.cpu(),
+                       expected.model.embed_tokens.weight)
+
