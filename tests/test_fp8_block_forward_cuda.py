@@ -75,14 +75,19 @@ def test_block_mm_matches_emulation_of_its_operands(m, k, n):
     assert sqnr_db(x.double() @ w.double().t(), out) >= 25.0
 
 
-def test_activation_groups_match_reference_on_cuda():
-    """The CUDA activation quantization (the per-row Triton kernel where available) gives
-    the reference codes and scales bit for bit."""
-    x = graded(37, 1024, seed=3, device="cuda")
-    a, scale_a = quantize_activation_groups(x)
+@pytest.mark.parametrize("m", [1, 37, 64, 2051], ids=lambda m: f"M{m}")
+def test_activation_groups_match_reference_on_cuda(m):
+    """The CUDA activation quantization (one Triton launch where available) gives the
+    reference codes and scales bit for bit, whatever M's remainder by its row block, also
+    for a non-contiguous input."""
+    x = graded(m, 1024, seed=3, device="cuda")
+    wide = torch.empty(m, 2048, dtype=x.dtype, device="cuda")
+    wide[:, ::2] = x
     q_ref, s_ref = quantize_fp8_reference(x.view(-1, 128), Fp8Config(granularity="channel"))
-    assert torch.equal(a[:37].view(torch.uint8), q_ref.view(37, 1024).view(torch.uint8))
-    assert torch.equal(scale_a[:37], s_ref.view(37, 8))
+    for given in (x, wide[:, ::2]):
+        a, scale_a = quantize_activation_groups(given)
+        assert torch.equal(a[:m].view(torch.uint8), q_ref.view(m, 1024).view(torch.uint8))
+        assert torch.equal(scale_a[:m], s_ref.view(m, 8))
 
 
 def test_bias_and_leading_dims():

@@ -12,8 +12,10 @@ inside the K loop. The operands, as torch checks them (``ScaledBlas.cpp``,
      to 4: the transposed view of the weight's own ``[N/128, K/128]`` tile scales (padded
      with unused K blocks when K/128 is not a multiple of 4). Their contiguous transpose
      is refused, and ``ws.t().contiguous().t()`` runs but reads the tiles transposed.
-The activation groups are the rows of the ``[M*K/128, 128]`` view of x, so the per-row
-kernel of ``quantize_fp8`` quantizes them in one pass. ``scale_b`` is made from the
+The activation groups are the rows of the ``[M*K/128, 128]`` view of x: on CUDA one Triton
+launch quantizes them as the per-row kernel of ``quantize_fp8`` would and writes the scales
+straight into ``scale_a``'s layout (the forward is bound by host time at prefill sizes);
+elsewhere the per-row path of ``quantize_fp8`` and a copy. ``scale_b`` is made from the
 weight's scales at every call (a view, or a padded copy of a few KB), so a weight push
 that rewrites them in place is seen by the next call and by CUDA graphs captured before it.
 """
@@ -80,11 +82,17 @@ def quantize_activation_groups(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     m, k = x2.shape
     padded = -(-m // 4) * 4
     a = torch.empty(padded, k, dtype=FP8_DTYPE, device=x2.device)
+    scale_t = torch.empty(k // GROUP, padded, dtype=torch.float32, device=x2.device)
+    x2 = x2.contiguous()
+    if x2.is_cuda:
+        from loadfsm.quant import triton_fp8  # lazy: Triton exists only next to CUDA
+        if triton_fp8.triton_available(x2.device):
+            triton_fp8.quantize_groups_into(x2, a, scale_t, GROUP)    # one launch
+            return a, scale_t.t()
     rows = torch.empty(m * k // GROUP, 1, dtype=torch.float32, device=x2.device)
-    quantize_fp8_into(x2.contiguous().view(-1, GROUP), a[:m].view(-1, GROUP), rows, _ROWS)
-    scale_a = torch.empty(k // GROUP, padded, dtype=torch.float32, device=x2.device).t()
-    scale_a[:m].copy_(rows.view(m, k // GROUP))
-    return a, scale_a
+    quantize_fp8_into(x2.view(-1, GROUP), a[:m].view(-1, GROUP), rows, _ROWS)
+    scale_t.t()[:m].copy_(rows.view(m, k // GROUP))
+    return a, scale_t.t()
 
 
 def weight_scale_operand(scale: torch.Tensor) -> torch.Tensor:

@@ -190,7 +190,7 @@ def rowwise_scaled_mm(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     # ([M, 1] x [1, N] scales; CUTLASS on sm90): a per-tensor weight scale is broadcast to
     # a row of N. Other outputs keep one activation scale.
     if out_dtype == torch.bfloat16:
-        xq, x_scale = quantize_fp8(x2.contiguous(), _ROWS)                     # [M, 1]
+        xq, x_scale = _quantize_tokens(x2.contiguous())                        # [M, 1]
         w_scale = (scale.reshape(1, -1) if config.granularity == "channel"
                    else scale.reshape(1, 1).expand(1, q.shape[0]).contiguous())  # [1, N]
     else:
@@ -199,6 +199,19 @@ def rowwise_scaled_mm(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     # q.t() is [K, N] column-major, the layout _scaled_mm wants for its second operand.
     out = torch._scaled_mm(xq, q.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype)
     return out if bias is None else out + bias
+
+
+def _quantize_tokens(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token FP8 activations: on CUDA one Triton launch with no checks between (a
+    forward's host time is most of its cost at prefill sizes), else ``quantize_fp8``."""
+    if x2.is_cuda:
+        from loadfsm.quant import triton_fp8  # lazy: Triton exists only next to CUDA
+        if triton_fp8.triton_available(x2.device):
+            xq = torch.empty(x2.shape, dtype=FP8_DTYPE, device=x2.device)
+            x_scale = torch.empty(x2.shape[0], 1, dtype=torch.float32, device=x2.device)
+            triton_fp8.quantize_rows_into(x2, xq, x_scale)
+            return xq, x_scale
+    return quantize_fp8(x2, _ROWS)
 
 
 def dequantized_matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,

@@ -15,6 +15,7 @@ Importing this module never fails: without Triton, ``triton_available`` is False
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -31,6 +32,7 @@ except ImportError:  # CPU-only installs
 _STREAM_BLOCK = 4096  # elements per program step in the per-tensor kernels
 _ONE_PASS_K = 16384  # rows up to this many (power-of-two padded) elements stay in registers
 _TILE = 8192  # elements per [BLOCK_M, BLOCK_K] tile of the channel kernel
+_GROUP_ROWS = 64  # tokens per program of the activation-group kernel
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -61,6 +63,32 @@ def quantize_into(w: torch.Tensor, q_out: torch.Tensor, scale_out: torch.Tensor,
             _quantize_channel(w, q_out, scale_out, experts * n, k)
         else:
             _quantize_block(w, q_out, scale_out, experts, n, k, *config.block_size)
+
+
+def quantize_groups_into(x: torch.Tensor, q_out: torch.Tensor, scale_t_out: torch.Tensor,
+                         group: int) -> None:
+    """Activations ``x [M, K]`` (contiguous) quantized per row in groups of ``group``
+    columns, each group exactly as the per-row kernel quantizes a row: codes into the
+    first M rows of ``q_out [>= M, K]``, scales transposed into ``scale_t_out
+    [K / group, >= M]`` (``F.scaled_mm``'s 1x128 operand layout). One launch: a forward's
+    host time is most of its cost at prefill sizes."""
+    m, k = x.shape
+    block_m = min(_GROUP_ROWS, triton.next_power_of_2(m))
+    grid = (triton.cdiv(m, block_m), k // group)
+    # Triton launches on the current device: switched only when it is another one.
+    with (contextlib.nullcontext() if x.device.index == torch.cuda.current_device()
+          else torch.cuda.device(x.device)):
+        _quantize_groups_kernel[grid](x, q_out, scale_t_out, m, k, scale_t_out.stride(0),
+                                      FP8_MAX=FP8_MAX, MIN_AMAX=_MIN_AMAX, BLOCK_M=block_m,
+                                      GROUP=group, num_warps=4)
+
+
+def quantize_rows_into(x: torch.Tensor, q_out: torch.Tensor, scale_out: torch.Tensor) -> None:
+    """``quantize_into`` per channel for activations ``x [M, K]`` (contiguous, like the
+    outputs) on the current device, without its checks: a forward's per-token scales."""
+    with (contextlib.nullcontext() if x.device.index == torch.cuda.current_device()
+          else torch.cuda.device(x.device)):
+        _quantize_channel(x, q_out, scale_out, x.shape[0], x.shape[1])
 
 
 def _quantize_tensor(w, q_out, scale_out, experts, numel):
@@ -207,3 +235,20 @@ if triton is not None:
         scale_idx = (expert * tl.num_programs(1) + row_block) * col_blocks + col_block
         tl.store(scale_ptr + scale_idx, scale)
         tl.store(q_ptr + offset, _scaled_clamped(x, inv, FP8_MAX).to(q_ty), mask=mask)
+
+    @triton.jit
+    def _quantize_groups_kernel(x_ptr, q_ptr, scale_ptr, M, K, scale_stride,
+                                FP8_MAX: tl.constexpr, MIN_AMAX: tl.constexpr,
+                                BLOCK_M: tl.constexpr, GROUP: tl.constexpr):
+        # grid: (cdiv(M, BLOCK_M), K / GROUP); x, q: [M, K] rows of stride K; the scale of
+        # row m, group g at scale_ptr[g * scale_stride + m].
+        q_ty = q_ptr.dtype.element_ty
+        row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        group = tl.program_id(1)
+        row_mask = row < M
+        offset = row.to(tl.int64)[:, None] * K + group * GROUP + tl.arange(0, GROUP)[None, :]
+        mask = row_mask[:, None] & (tl.arange(0, GROUP)[None, :] < GROUP)
+        x = tl.load(x_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        scale, inv = _scale_and_inv(tl.reduce(tl.abs(x), 1, _max_nan), FP8_MAX, MIN_AMAX)
+        tl.store(scale_ptr + group * scale_stride + row, scale, mask=row_mask)
+        tl.store(q_ptr + offset, _scaled_clamped(x, inv[:, None], FP8_MAX).to(q_ty), mask=mask)
