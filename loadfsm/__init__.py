@@ -22,6 +22,8 @@ from .quant.push_fp8 import quantize_for_push
 from .reload.colocated import ColocatedSender, ReceiverDiedError, SenderDiedError
 from .reload.colocated_receiver import ColocatedReceiver
 from .reload.delta import DeltaPush, DeltaReport
+from .reload.delta_transport import (DeltaReceiver, DeltaSender, PushNotTakenError,
+                                     StaleDeltaError)
 from .reload.tile_push import TileDelta, TilePatch, apply_tile_delta
 from .reload.transport import WeightReceiver, WeightSender
 from .report import LoadReport
@@ -42,3 +44,4 @@ __all__ += ["UnsafeCheckpointPathError", "CheckpointChangedError", "TraceOverwri
             "BadWeightItemError", "UnsupportedDeviceError"]
 __all__ += ["Fp8CheckpointConfig", "quantize_for_push", "InvalidScaleError"]
 __all__ += ["DeltaPush", "DeltaReport", "TileDelta", "TilePatch", "apply_tile_delta"]
+__all__ += ["DeltaSender", "DeltaReceiver", "StaleDeltaError", "PushNotTakenError"]

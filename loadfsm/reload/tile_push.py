@@ -17,6 +17,7 @@ version and listed in ``committed`` like any layer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 import torch
 
@@ -88,6 +89,8 @@ def apply_tile_delta(sync: WeightSync, delta: TileDelta, *, version=None) -> Syn
 
     Checks come first, so a patch that fails them changes nothing, whatever the
     ``atomic`` mode; a write that raises after them leaves the layers before it new.
+    ``delta.items`` may be a one-pass iterable (a transport's arrivals, streamed into the
+    push): a tensor of a patched layer among them is then refused as it arrives.
 
     Returns:
         A ``SyncReport``; ``bytes_received`` counts the patches' bytes too.
@@ -99,8 +102,12 @@ def apply_tile_delta(sync: WeightSync, delta: TileDelta, *, version=None) -> Syn
             wholly old or wholly new (``committed`` lists the new ones).
     """
     def feed(push: ReloadTransaction) -> None:
-        recs = _check(sync, delta)                                          # step 1
-        push.feed(iter_weights(delta.items), sync._routes)                  # step 2
+        streamed = not isinstance(delta.items, (list, tuple))
+        recs = _check(sync, delta.patches, () if streamed else delta.items)  # step 1
+        weights = iter_weights(delta.items)
+        if streamed and recs:
+            weights = _unpatched(sync, recs, weights)
+        push.feed(weights, sync._routes)                                    # step 2
         if push.settle():
             return                  # the push reports the missing pieces and rolls back
         sync.session.commit_held()
@@ -113,11 +120,13 @@ def apply_tile_delta(sync: WeightSync, delta: TileDelta, *, version=None) -> Syn
     return sync.run(feed, version=version)
 
 
-def _check(sync: WeightSync, delta: TileDelta) -> dict[str, LayerRecord]:
-    """Step 1: every patch checked, one device sync for all; returns the patched layers."""
+def _check(sync: WeightSync, patches: list[TilePatch],
+           items: Iterable[tuple[str, torch.Tensor]]) -> dict[str, LayerRecord]:
+    """Step 1: every patch checked, one device sync for all, none of ``items`` (whole
+    layers) in a patched layer; returns the patched layers."""
     layers, recs, flags = sync.session.plan.layers, {}, []
-    whole = {sync._routes.resolve(name, tensor.shape).rec.name for name, tensor in delta.items}
-    for patch in delta.patches:
+    whole = {sync._routes.resolve(name, tensor.shape).rec.name for name, tensor in items}
+    for patch in patches:
         rec = layers.get(patch.layer)
         if rec is None or patch.attr not in rec.slots or not holds_fp8_tiles(rec, patch.attr):
             raise UnexpectedWeightError("tile patch names no FP8 weight of the model",
@@ -131,9 +140,21 @@ def _check(sync: WeightSync, delta: TileDelta) -> dict[str, LayerRecord]:
         _check_shapes(rec, patch, weight, scale)
         flags.append(_device_flags(patch, scale.shape))
     if flags:
-        for patch, found in zip(delta.patches, torch.stack(flags).tolist()):
+        for patch, found in zip(patches, torch.stack(flags).tolist()):
             _raise_found(patch, found)
     return recs
+
+
+def _unpatched(sync: WeightSync, recs: dict[str, LayerRecord],
+               weights: Iterator[tuple[str, torch.Tensor]]
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Streamed ``weights``, each refused if its layer is patched (step 1, as it arrives)."""
+    for name, tensor in weights:
+        layer = sync._routes.resolve(name, tensor.shape).rec.name
+        if layer in recs:
+            raise DuplicateWeightError("layer is both patched and pushed whole",
+                                       tensor=name, layer=layer)
+        yield name, tensor
 
 
 def _live(rec: LayerRecord, attr: str) -> tuple[torch.Tensor, torch.Tensor]:
