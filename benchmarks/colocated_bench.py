@@ -1,24 +1,32 @@
 """Colocated push benchmark: trainer and engine in two processes on one device.
 
     python benchmarks/colocated_bench.py [--model tiny|llama-8b-4l|llama-8b|small:N]
-                                         [--device cuda] [--buckets 2]
+                                         [--device cuda] [--buckets 2] [--bucket-only]
+                                         [--direct-min-mb MB]
 
 Side by side in one run, the same bf16 tensors each time:
   in_process  WeightSync.push in the engine's own process (tensors already on the device)
-  colocated   a trainer process -> ColocatedSender -> shared buckets -> ColocatedReceiver
-              -> WeightSync.push (CUDA IPC on a GPU, memfd shared memory on CPU)
+  colocated   a trainer process -> ColocatedSender -> ColocatedReceiver -> WeightSync.push:
+              tensors of at least ``--direct-min-mb`` (default: the bucket size) read in
+              place from the trainer's storage, the rest through shared buckets (CUDA IPC
+              on a GPU, shared memory on CPU)
   ipc_copy    the same transport, the engine only copying each view into a same-sized
               tensor: moving the bytes between the processes, no push
+  colocated_buckets, ipc_copy_buckets  (``--bucket-only``) the same with every tensor
+              through a bucket (``direct_min_bytes=math.inf``, the transport before direct
+              shares)
   checksum    layer_checksums of the engine after the push (GB/s of its live bytes)
-GB/s of bf16 input (median of ``--repeat``, the three alternating); ratios are what to
+GB/s of bf16 input (median of ``--repeat``, all alternating); ratios are what to
 compare. On one GPU both processes share device 0. ``--model small:N``: only the IPC
-copy of N tensors of 1 KB, in microseconds per tensor.
+copy of N tensors of 1 KB, in microseconds per tensor (``--direct-min-mb 0.001``: each
+read in place, the per-tensor cost of a direct share).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import statistics
 import time
@@ -50,17 +58,21 @@ def trainer_tensors(model_name: str, device, seed: int = 1) -> list[tuple[str, t
                     * 0.02).to(e.dtype)) for name, e in planned_entries(session).items()]
 
 
-def _trainer(conn, control, model_name: str, device: str, bucket_mb: int, buckets: int):
-    """Push every time the engine says go; stop on ``None``."""
+def _trainer(conns, control, model_name: str, device: str, bucket_mb: int, buckets: int,
+             direct_min: list[float]):
+    """Push through sender ``i`` (``direct_min[i]``) every time the engine says ``i``;
+    stop on ``None``."""
     device = torch.device(device)
     tensors = trainer_tensors(model_name, device)
     _sync(device)
-    sender = ColocatedSender(conn, bucket_bytes=bucket_mb << 20, buckets=buckets,
-                             device=device)
+    senders = [ColocatedSender(conn, bucket_bytes=bucket_mb << 20, buckets=buckets,
+                               device=device, direct_min_bytes=least)
+               for conn, least in zip(conns, direct_min)]
     control.send("ready")
-    while control.recv() is not None:
-        sender(tensors)
-    sender.close()
+    while (which := control.recv()) is not None:
+        senders[which](tensors)
+    for sender in senders:
+        sender.close()
 
 
 class _CopySink:
@@ -78,8 +90,9 @@ class _CopySink:
 def _timed(fns: dict, device: torch.device, repeat: int) -> dict[str, float]:
     """Median seconds of each of ``fns``, run in turn ``repeat`` times (alternating, so a
     busy machine slows them alike)."""
-    for fn in fns.values():
-        fn()                               # warm-up: buckets shared, kernels compiled
+    for _ in range(2):       # buckets shared, kernels compiled; the second push maps
+        for fn in fns.values():          # the trainer's storages for good
+            fn()
     times = {key: [] for key in fns}
     for _ in range(repeat):
         for key, fn in fns.items():
@@ -91,40 +104,58 @@ def _timed(fns: dict, device: torch.device, repeat: int) -> dict[str, float]:
     return {key: statistics.median(seconds) for key, seconds in times.items()}
 
 
-def _start_trainer(args):
-    """The trainer process, the engine's end of its connection, and its control end."""
+def _variants(args) -> dict[str, float]:
+    """Suffix of each colocated variant -> its ``direct_min_bytes``."""
+    least = (args.bucket_mb if args.direct_min_mb is None else args.direct_min_mb) * (1 << 20)
+    return {"": max(1, int(least)), **({"_buckets": math.inf} if args.bucket_only else {})}
+
+
+def _start_trainer(args, variants: dict[str, float]):
+    """The trainer process, the engine's end of each variant's connection, and the
+    control end."""
     ctx = multiprocessing.get_context("spawn")
-    ours, theirs = ctx.Pipe()
+    pairs = [ctx.Pipe() for _ in variants]
     control, their_control = ctx.Pipe()
-    trainer = ctx.Process(target=_trainer, args=(theirs, their_control, args.model,
-                                                  args.device, args.bucket_mb, args.buckets))
+    trainer = ctx.Process(target=_trainer, args=(
+        [theirs for _, theirs in pairs], their_control, args.model, args.device,
+        args.bucket_mb, args.buckets, list(variants.values())))
     trainer.start()
-    theirs.close()
+    for _, theirs in pairs:
+        theirs.close()
     their_control.close()
     control.recv()                         # the trainer's tensors are ready
-    return trainer, ours, control
+    return trainer, [ours for ours, _ in pairs], control
+
+
+def _pushed(control, receivers, which: int, target) -> None:
+    """One push through variant ``which`` into ``target``."""
+    receivers[which].sync = target
+    control.send(which)
+    receivers[which].receive()
 
 
 def run_small(args) -> dict:
     """``--model small:N``: only the IPC copy of N tensors of 1 KB, per tensor."""
     device = torch.device(args.device)
     tensors = trainer_tensors(args.model, device)
-    trainer, ours, control = _start_trainer(args)
-    receiver = ColocatedReceiver(_CopySink(tensors, device), ours, stall_warning_s=None)
-
-    def ipc_copy():
-        control.send("go")
-        receiver.receive()
-
+    variants = _variants(args)
+    trainer, conns, control = _start_trainer(args, variants)
+    sink = _CopySink(tensors, device)
+    receivers = [ColocatedReceiver(sink, conn, stall_warning_s=None) for conn in conns]
     try:
-        seconds = _timed({"ipc_copy": ipc_copy}, device, args.repeat)["ipc_copy"]
+        timings = _timed({f"ipc_copy{suffix}": (lambda i=i: _pushed(control, receivers, i, sink))
+                          for i, suffix in enumerate(variants)}, device, args.repeat)
     finally:
         control.send(None)
         trainer.join(timeout=120)
-        receiver.close()
-    return {"model": args.model, "device": str(device), "bucket_mb": args.bucket_mb,
-            "buckets": args.buckets, "ipc_copy_s": round(seconds, 6),
-            "us_per_tensor": round(seconds / len(tensors) * 1e6, 2)}
+        for receiver in receivers:
+            receiver.close()
+    result = {"model": args.model, "device": str(device), "bucket_mb": args.bucket_mb,
+              "buckets": args.buckets, "direct_min_bytes": variants[""]}
+    for key, seconds in timings.items():
+        result[f"{key}_s"] = round(seconds, 6)
+        result[f"{key}_us_per_tensor"] = round(seconds / len(tensors) * 1e6, 2)
+    return result
 
 
 def run(args) -> dict:
@@ -136,35 +167,38 @@ def run(args) -> dict:
     sync = loadfsm.WeightSync(model)
     tensors = trainer_tensors(args.model, device)
     nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
-    trainer, ours, control = _start_trainer(args)
-    receiver = ColocatedReceiver(sync, ours, stall_warning_s=None)
+    variants = _variants(args)
+    trainer, conns, control = _start_trainer(args, variants)
+    receivers = [ColocatedReceiver(sync, conn, stall_warning_s=None) for conn in conns]
     sink = _CopySink(tensors, device)
-
-    def colocated(target):
-        receiver.sync = target
-        control.send("go")
-        receiver.receive()
-
+    fns = {"in_process": lambda: sync.push(tensors)}
+    for i, suffix in enumerate(variants):
+        fns[f"colocated{suffix}"] = lambda i=i: _pushed(control, receivers, i, sync)
+        fns[f"ipc_copy{suffix}"] = lambda i=i: _pushed(control, receivers, i, sink)
     try:
-        timings = _timed({"in_process": lambda: sync.push(tensors),
-                          "colocated": lambda: colocated(sync),
-                          "ipc_copy": lambda: colocated(sink)}, device, args.repeat)
+        timings = _timed(fns, device, args.repeat)
         checksum_s = _timed({"checksum": lambda: layer_checksums(sync)}, device,
                             args.repeat)["checksum"]
     finally:
         control.send(None)
         trainer.join(timeout=120)
-        receiver.close()
+        for receiver in receivers:
+            receiver.close()
     result = {"model": args.model, "device": str(device), "quant": args.quant,
-              "bytes": nbytes, "bucket_mb": args.bucket_mb, "buckets": args.buckets}
+              "bytes": nbytes, "bucket_mb": args.bucket_mb, "buckets": args.buckets,
+              "direct_min_bytes": variants[""],
+              "direct_bytes": sum(t.nbytes for _, t in tensors if t.nbytes >= variants[""])}
     for key, seconds in timings.items():
         result[f"{key}_s"] = round(seconds, 6)
         result[f"{key}_gbps"] = round(nbytes / seconds / 1e9, 3)
     live = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     result.update(checksum_s=round(checksum_s, 6), live_bytes=live,
                   checksum_gbps=round(live / checksum_s / 1e9, 3))
-    result["colocated_vs_in_process"] = round(timings["in_process"] / timings["colocated"], 3)
-    result["colocated_vs_ipc_copy"] = round(timings["ipc_copy"] / timings["colocated"], 3)
+    for suffix in variants:
+        colocated = timings[f"colocated{suffix}"]
+        result[f"colocated{suffix}_vs_in_process"] = round(timings["in_process"] / colocated, 3)
+        result[f"colocated{suffix}_vs_ipc_copy"] = round(timings[f"ipc_copy{suffix}"]
+                                                         / colocated, 3)
     return result
 
 
@@ -175,22 +209,33 @@ def main() -> None:
     parser.add_argument("--quant", default="fp8")
     parser.add_argument("--bucket-mb", type=int, default=256)
     parser.add_argument("--buckets", type=int, default=2)
+    parser.add_argument("--direct-min-mb", type=float, default=None,
+                        help="tensors of at least this many MB are read in place from the "
+                             "trainer's storage (default: --bucket-mb)")
+    parser.add_argument("--bucket-only", action="store_true",
+                        help="also time every tensor through a bucket, side by side")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="one JSON line, nothing else")
     args = parser.parse_args()
     result = run(args)
-    if args.json or "us_per_tensor" in result:
+    if args.json or "bytes" not in result:
         print(json.dumps(result))
         return
-    gb = result["bytes"] / 1e9
-    print(f"{args.model} on {result['device']}, {gb:.3f} GB of bf16, quant={args.quant}, "
-          f"{args.buckets} x {args.bucket_mb} MB buckets")
-    for key in ("in_process", "colocated", "ipc_copy"):
-        print(f"  {key:11} {result[f'{key}_s'] * 1e3:9.1f} ms  {result[f'{key}_gbps']:8.2f} GB/s")
-    print(f"  checksum    {result['checksum_s'] * 1e3:9.1f} ms  {result['checksum_gbps']:8.2f} GB/s"
-          f" of {result['live_bytes'] / 1e9:.3f} GB live")
-    print(f"  colocated / in-process: {result['colocated_vs_in_process']:.2f}x   "
-          f"colocated / ipc copy: {result['colocated_vs_ipc_copy']:.2f}x")
+    suffixes = list(_variants(args))
+    print(f"{args.model} on {result['device']}, {result['bytes'] / 1e9:.3f} GB of bf16, "
+          f"quant={args.quant}, {args.buckets} x {args.bucket_mb} MB buckets; "
+          f"{result['direct_bytes'] / 1e9:.3f} GB in tensors of >= "
+          f"{result['direct_min_bytes'] / (1 << 20):g} MB read in place")
+    for key in ["in_process"] + [f"{kind}{suffix}" for suffix in suffixes
+                                 for kind in ("colocated", "ipc_copy")]:
+        print(f"  {key:17} {result[f'{key}_s'] * 1e3:9.1f} ms  "
+              f"{result[f'{key}_gbps']:8.2f} GB/s")
+    print(f"  {'checksum':17} {result['checksum_s'] * 1e3:9.1f} ms  "
+          f"{result['checksum_gbps']:8.2f} GB/s of {result['live_bytes'] / 1e9:.3f} GB live")
+    for suffix in suffixes:
+        print(f"  colocated{suffix} / in-process: "
+              f"{result[f'colocated{suffix}_vs_in_process']:.2f}x   "
+              f"/ ipc copy{suffix}: {result[f'colocated{suffix}_vs_ipc_copy']:.2f}x")
 
 
 if __name__ == "__main__":

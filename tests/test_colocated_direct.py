@@ -146,6 +146,22 @@ def test_direct_and_bucketed_tensors_in_one_push_arrive_exact():
     assert receiver.direct_opened == 6      # base, flat, half: in push 1 and in push 2
 
 
+def test_a_push_of_many_direct_tensors_does_not_fill_the_connection():
+    """Thousands of tensors read in place (views of one storage): the trainer takes the
+    engine's acknowledgements as they come, so neither side blocks on a full
+    connection, and all arrive exact."""
+    sender, sink, receiver = _pair(direct_min_bytes=64)
+    flat = torch.randn(8000 * 16, generator=torch.Generator().manual_seed(0))
+    tensors = {f"t{i}": flat[i * 16:(i + 1) * 16] for i in range(8000)}
+    try:
+        _push(sender, receiver, tensors)
+        assert len(sink.direct) == len(tensors) and receiver.direct_opened == 1
+        assert all(same(sink.got[name], t) for name, t in tensors.items())
+    finally:
+        receiver.close()
+        sender.close()
+
+
 def test_a_reallocated_tensor_is_shared_again_and_its_old_storage_let_go():
     """A trainer tensor moved to a new storage between pushes is shared anew (the others
     are not) and arrives exact; the engine drops the old storage's mapping."""

@@ -232,6 +232,10 @@ class ColocatedSender:
         self.conn.send({"kind": "direct", "id": mapping, "lent": self._lends,        # C4
                         "tensor": (name, tuple(tensor.shape), tensor.stride(),
                                    tensor.storage_offset(), tensor.dtype)})
+        # Take the acknowledgements already here: the engine blocks on a full connection
+        # as we do, and a push of many direct tensors would fill it both ways.
+        while self._lent and self.conn.poll(0):
+            self._take_ack()
         return tensor.nbytes
 
     def _drop(self, mappings: list[int]) -> None:
