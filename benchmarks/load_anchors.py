@@ -3,7 +3,7 @@
     python benchmarks/load_anchors.py --dir CKPT [--model llama-8b] [--device cuda]
                                       [--repeat 3] [--cold] [--json]
 
-Warm (page cache filled first), the sides interleaved each round:
+Warm (page cache filled first), the sides interleaved each round, every warm round first:
   loadfsm       ``loadfsm.load(quant=...)`` of the checkpoint, GB/s of checkpoint bytes
   pinned_h2d    ``copy_`` of a 1 GiB pinned host buffer to the device, as many times as
                 the checkpoint has GiB (CUDA only): the host-to-device limit
@@ -137,11 +137,12 @@ def bench(model: str, directory: Path, device: torch.device, quant: str, repeat:
     ours()                     # kernels, libraries and CUDA ready; the page cache filled
     seconds: dict[str, list[float]] = {}
     peaks = []
-    for _ in range(repeat):
+    for _ in range(repeat):      # every warm round before the first page cache drop
         for name, fn in warm_sides.items():
             seconds.setdefault(name, []).append(_timed(fn, cold=False))
         peaks.append(ours.report.cuda_peak_bytes)
-        for name, fn in (cold_sides.items() if cold else ()):
+    for _ in range(repeat if cold else 0):
+        for name, fn in cold_sides.items():
             seconds.setdefault(name, []).append(_timed(fn, cold=True))
     report = ours.report
     result = {"model": model, "device": str(device), "quant": quant, "checkpoint_bytes": total,
@@ -150,7 +151,8 @@ def bench(model: str, directory: Path, device: torch.device, quant: str, repeat:
               "final_bytes": report.final_bytes, "largest_layer_bytes": report.largest_layer_bytes}
     for name, samples in seconds.items():
         median = statistics.median(samples)
-        result[name] = {"seconds": median, "gb_per_s": total / median / 1e9}
+        result[name] = {"seconds": median, "gb_per_s": total / median / 1e9,
+                        "samples_s": samples}
     ratios = {}
     if "pinned_h2d" in result:
         ratios["loadfsm_over_pinned_h2d"] = (result["loadfsm"]["gb_per_s"]
