@@ -22,8 +22,8 @@ from .quant.push_fp8 import quantize_for_push
 from .reload.colocated import ColocatedSender, ReceiverDiedError, SenderDiedError
 from .reload.colocated_receiver import ColocatedReceiver
 from .reload.delta import DeltaPush, DeltaReport
-from .reload.delta_transport import (DeltaReceiver, DeltaSender, PushNotTakenError,
-                                     StaleDeltaError)
+from .reload.delta_receiver import DeltaReceiver, StaleDeltaError
+from .reload.delta_transport import DeltaSender, PushNotTakenError
 from .reload.tile_push import TileDelta, TilePatch, apply_tile_delta
 from .reload.transport import WeightReceiver, WeightSender
 from .report import LoadReport

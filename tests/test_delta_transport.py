@@ -1,6 +1,7 @@
-"""Delta pushes over torch.distributed (gloo, two processes on CPU): layers and FP8 tiles
-travel, the engine ends bit for bit where full pushes put it, a fault leaves uncommitted
-layers wholly old, and a delta onto weights it was not computed against is refused."""
+"""Delta pushes over torch.distributed (gloo on CPU, a trainer and two engines): layers and
+FP8 tiles travel, the engines end bit for bit where full pushes put them, a fault leaves
+uncommitted layers wholly old, and a delta onto weights it was not computed against is
+refused."""
 
 import os
 
@@ -20,6 +21,7 @@ from checks import addresses, same, snapshot
 from faults import raising_after
 from tiny_models import SMALL, SMALL_MOE
 
+RANKS = 3                        # a trainer and two engines
 BUCKET_BYTES = 16 << 10          # several buckets per push: the ring turns over mid-delta
 # 32x48 tiles: SMALL's rows are whole tiles, its columns end in a ragged one.
 BLOCK = Fp8Config(granularity="block", block_size=(32, 48))
@@ -202,12 +204,12 @@ def _stale_trainer(tmp):
                          bucket_bytes=BUCKET_BYTES)
     sender(trainer, version="v0")
     generator, out = torch.Generator().manual_seed(2), {"refused": []}
-    for step in (1, 2):              # the engine took a push from elsewhere (failed in 2)
+    for step in (1, 2):              # engine 2 took a push from elsewhere (failed in 2)
         _change_tiles(trainer, 3, generator)
+        _save(trainer, f"{tmp}/stale{step}.pt")
         with pytest.raises(PushNotTakenError, match="refused the delta"):
             sender(trainer, version=f"v{step}")
         out["refused"].append(sender.report.tiles_sent)
-        _save(trainer, f"{tmp}/stale{step}.pt")
         sender(trainer, version=f"v{step}-full")
         out[f"full{step}"] = sender.report
     return out
@@ -228,34 +230,41 @@ def _elsewhere(sync, step):
     assert info.value.committed and sync.version == version
 
 
-def _stale_engine(tmp):
+def _stale_engine(tmp, rank):
+    """Engine 2 takes pushes from elsewhere and refuses the deltas; engine 1 takes them."""
     model, sync = _engine(SMALL, BLOCK)
     sync.commit_bytes = 1                # every verified layer commits at once
     receiver = DeltaReceiver(sync)
     receiver.receive()
     out = {}
     for step in (1, 2):
-        _elsewhere(sync, step)
-        before = snapshot(model)
-        with pytest.raises(StaleDeltaError) as info:
+        if rank == 1:
             receiver.receive()
-        out[f"refused{step}"] = {
-            "message": str(info.value), "committed": info.value.committed,
-            "changed": [n for n, t in snapshot(model).items() if not same(t, before[n])]}
+            out[f"delta_wrong{step}"] = _wrong(model, SMALL, BLOCK, f"{tmp}/stale{step}.pt")
+        else:
+            _elsewhere(sync, step)
+            before = snapshot(model)
+            with pytest.raises(StaleDeltaError) as info:
+                receiver.receive()
+            out[f"refused{step}"] = {
+                "message": str(info.value), "committed": info.value.committed,
+                "changed": [n for n, t in snapshot(model).items()
+                            if not same(t, before[n])]}
         receiver.receive()
         out[f"wrong{step}"] = _wrong(model, SMALL, BLOCK, f"{tmp}/stale{step}.pt")
     return out
 
 
 def _worker(rank, tmp):
+    """Rank 0 trains and sends; ranks 1 and 2 are engines."""
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank,
-                            world_size=2)
+                            world_size=RANKS)
     try:
         out = {}
         for name in EXACT:
             out[name] = (_exact_trainer if rank == 0 else _exact_engine)(name, tmp)
         out["faults"] = (_faults_trainer if rank == 0 else _faults_engine)(tmp)
-        out["stale"] = (_stale_trainer if rank == 0 else _stale_engine)(tmp)
+        out["stale"] = _stale_trainer(tmp) if rank == 0 else _stale_engine(tmp, rank)
         torch.save(out, f"{tmp}/out{rank}.pt")
         dist.barrier()
         open(f"{tmp}/done{rank}", "w").close()
@@ -263,41 +272,46 @@ def _worker(rank, tmp):
         dist.destroy_process_group()
 
 
-def _spawn(worker, tmp):
+def _spawn(worker, tmp, ranks):
     try:
-        mp.spawn(worker, args=(str(tmp),), nprocs=2, join=True)
+        mp.spawn(worker, args=(str(tmp),), nprocs=ranks, join=True)
     except mp.ProcessExitedException:
-        # gloo can abort a process while it tears down; benign once both ranks finished.
-        if not all((tmp / f"done{rank}").exists() for rank in (0, 1)):
+        # gloo can abort a process while it tears down; benign once every rank finished.
+        if not all((tmp / f"done{rank}").exists() for rank in range(ranks)):
             raise
-    return [torch.load(tmp / f"out{rank}.pt", weights_only=False) for rank in (0, 1)]
+    return [torch.load(tmp / f"out{rank}.pt", weights_only=False) for rank in range(ranks)]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Every scenario in one pair of processes (spawning costs seconds): each rank's records."""
-    return _spawn(_worker, tmp_path_factory.mktemp("delta_transport"))
+    """Every scenario in one set of processes (spawning costs seconds): each rank's records."""
+    return _spawn(_worker, tmp_path_factory.mktemp("delta_transport"), RANKS)
+
+
+ENGINES = range(1, RANKS)
 
 
 @pytest.mark.parametrize("name", EXACT)
-def test_delta_over_gloo_equals_full_push_every_step(runs, name):
-    """Five steps (first full, then changed tiles or layers, a norm beside them, nothing):
-    after each the engine equals a full push of the same weights; no address moved."""
-    steps = runs[1][name]
+@pytest.mark.parametrize("rank", ENGINES)
+def test_delta_over_gloo_equals_full_push_every_step(runs, name, rank):
+    """Five steps (first full, then changed tiles or layers, whole layers beside them,
+    nothing): after each, every engine equals a full push of the same weights, serves
+    the trainer's version, and no address moved."""
+    steps = runs[rank][name]
     assert all(step["mismatched"] == [] for step in steps)
     assert steps[-1]["moved"] == []
     for number, step in enumerate(steps):
         report_version, sync_version, layer_versions = step["version"]
         assert report_version == sync_version == number
-    assert set(steps[-1]["version"][2].values()) <= set(range(STEPS))
+        assert set(layer_versions.values()) <= set(range(number + 1))
 
 
 @pytest.mark.parametrize("name", EXACT)
 def test_delta_reports_bytes_skipped_on_both_sides(runs, name):
     """The trainer's report travels in the head: the engine sees the same bytes skipped;
     the first push skips nothing, later ones skip most, an unchanged step sends nothing."""
-    trainer, engine = runs[0][name], [step["delta"] for step in runs[1][name]]
-    assert trainer == engine
+    trainer = runs[0][name]
+    assert all(trainer == [step["delta"] for step in runs[rank][name]] for rank in ENGINES)
     first, *later, unchanged = trainer
     assert first.bytes_skipped == 0 and first.layers_skipped == 0
     assert all(0 < r.bytes_sent < r.bytes_skipped for r in later)
@@ -306,25 +320,27 @@ def test_delta_reports_bytes_skipped_on_both_sides(runs, name):
         assert all(r.tiles_sent > 0 for r in later)
 
 
-def test_sender_raising_mid_delta_leaves_uncommitted_layers_old(runs):
-    """The trainer raises after the embedding's bucket went: the engine rolls back what
+@pytest.mark.parametrize("rank", ENGINES)
+def test_sender_raising_mid_delta_leaves_uncommitted_layers_old(runs, rank):
+    """The trainer raises after the embedding's bucket went: each engine rolls back what
     did not commit, names the layer, holds no known push; the next push is whole, exact."""
-    raised = runs[1]["faults"]["raised"]
+    raised = runs[rank]["faults"]["raised"]
     assert raised["cause"] is SenderAbortedError
     assert raised["layer"] == "model.embed_tokens"
     assert raised["uncommitted_changed"] == [] and raised["holds"] is None
-    assert runs[1]["faults"]["raise_wrong"] == []
+    assert runs[rank]["faults"]["raise_wrong"] == []
     after = runs[0]["faults"]["after_raise"]
     assert after.layers_skipped == 0 and after.tiles_sent == 0
 
 
-def test_engine_failing_a_delta_makes_the_next_push_whole(runs):
-    """A NaN tile: the engine refuses it naming the layer and changes nothing; the
+@pytest.mark.parametrize("rank", ENGINES)
+def test_engine_failing_a_delta_makes_the_next_push_whole(runs, rank):
+    """A NaN tile: the engines refuse it naming the layer and change nothing; the
     trainer learns it (PushNotTakenError) and its next push is whole and exact."""
-    nan = runs[1]["faults"]["nan"]
+    nan = runs[rank]["faults"]["nan"]
     assert nan["cause"] is loadfsm.NonFiniteWeightError and nan["layer"] == DOWN0_LAYER
     assert nan["changed"] == []
-    assert runs[1]["faults"]["nan_wrong"] == []
+    assert runs[rank]["faults"]["nan_wrong"] == []
     assert runs[0]["faults"]["after_nan"].layers_skipped == 0
 
 
@@ -332,12 +348,14 @@ def test_engine_failing_a_delta_makes_the_next_push_whole(runs):
 def test_delta_onto_another_base_is_refused(runs, step):
     """An engine that took a push from elsewhere (one that failed midway too, its version
     unchanged) refuses a delta with StaleDeltaError before any byte changes, naming what
-    it holds; the trainer's next push is whole and exact."""
-    refused = runs[1]["stale"][f"refused{step}"]
+    it holds, while the other engine takes it; the trainer hears of the refusal and its
+    next push is whole: both engines exact."""
+    refused = runs[2]["stale"][f"refused{step}"]
     assert refused["changed"] == [] and refused["committed"] == []
     assert ("'elsewhere'" if step == 1 else "another push stamped") in refused["message"]
     assert runs[0]["stale"]["refused"][step - 1] > 0          # it was a tile delta
-    assert runs[1]["stale"][f"wrong{step}"] == []
+    assert runs[1]["stale"][f"delta_wrong{step}"] == []
+    assert runs[1]["stale"][f"wrong{step}"] == runs[2]["stale"][f"wrong{step}"] == []
     full = runs[0]["stale"][f"full{step}"]
     assert full.layers_skipped == 0 and full.tiles_sent == 0
 
@@ -397,7 +415,7 @@ def _dying_worker(rank, tmp):
 def test_sender_dying_mid_delta_leaves_uncommitted_layers_old(tmp_path):
     """The trainer's process exits mid-delta: the engine raises SenderDiedError naming
     the layer in flight, and every layer it did not commit is wholly old."""
-    died = _spawn(_dying_worker, tmp_path)[1]
+    died = _spawn(_dying_worker, tmp_path, 2)[1]
     assert died["raised"] is loadfsm.SenderDiedError
     assert died["layer"] == "model.embed_tokens"
     assert died["uncommitted_changed"] == []
