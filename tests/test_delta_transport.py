@@ -16,7 +16,9 @@ from loadfsm import (DeltaPush, DeltaReceiver, DeltaReport, DeltaSender, Fp8Conf
                      apply_tile_delta)
 from loadfsm.reload.chain import SenderAbortedError
 from loadfsm.reload.delta_wire import DeltaHead, encode_version
+from loadfsm.quant.push_fp8 import quantize_for_push
 from loadfsm.testing import build_model, load_reference_model, reference_state_dict
+from loadfsm.testing.fp8_checkpoint import write_fp8_checkpoint
 from checks import addresses, same, snapshot
 from faults import raising_after
 from tiny_models import SMALL, SMALL_MOE
@@ -33,17 +35,42 @@ DOWN0 = "model.layers.0.mlp.down_proj.weight"
 DOWN0_LAYER = "model.layers.0.mlp.down_proj"
 
 
-def _engine(config, quant):
+def _engine(config, quant, checkpoint=None):
+    """An engine loaded with online FP8, or from the FP8 ``checkpoint``."""
     model = build_model(config)
-    loadfsm.load(model, reference_state_dict(config, 0).items(), quant=quant, device="cpu")
+    source = checkpoint or reference_state_dict(config, 0).items()
+    loadfsm.load(model, source, quant=quant, device="cpu")
     return model, loadfsm.WeightSync(model)
 
 
-def _full_push_of(config, quant, path):
-    """What a fresh engine holds after a full push of the trainer's saved parameters."""
-    model, sync = _engine(config, quant)
-    sync.push(torch.load(path).items())
+def _fp8_checkpoint(config, tmp):
+    """Seed 0 quantized as the trainer would, saved as a DeepSeek-style block-FP8
+    checkpoint (one per engine rank)."""
+    tensors = dict(quantize_for_push(load_reference_model(config, seed=0), BLOCK))
+    return write_fp8_checkpoint(tensors, f"{tmp}/fp8-{dist.get_rank()}", layout="deepseek",
+                                block_size=BLOCK.block_size)
+
+
+def _full_push_of(config, quant, path, checkpoint=None):
+    """What a fresh engine holds after a full push of the trainer's saved parameters (in
+    FP8, quantized as the trainer would, into an engine loaded from ``checkpoint``)."""
+    model, sync = _engine(config, quant, checkpoint)
+    saved = torch.load(path)
+    if checkpoint is None:
+        sync.push(saved.items())
+    else:
+        trainer = load_reference_model(config, seed=1)
+        with torch.no_grad():
+            for name, param in trainer.named_parameters():
+                param.copy_(saved[name])
+        sync.push(quantize_for_push(trainer, quant))
     return snapshot(model)
+
+
+def _changed(model, before, committed=()):
+    """Tensors of ``model`` that differ from ``before``, outside the layers ``committed``."""
+    return [n for n, t in snapshot(model).items()
+            if n.rpartition(".")[0] not in committed and not same(t, before[n])]
 
 
 def _save(trainer, path):
@@ -52,7 +79,8 @@ def _save(trainer, path):
 
 def _fp8_weights(model):
     return [p for n, p in model.named_parameters()
-            if n.endswith(("proj.weight", "gate_up_proj", "down_proj")) and "lm_head" not in n]
+            if n.endswith(("proj.weight", "gate_up_proj", "down_proj"))
+            and "lm_head" not in n]
 
 
 def _change_tiles(trainer, count, generator, block=BLOCK.block_size):
@@ -72,16 +100,19 @@ def _nudge(trainer, name, scale):
 
 
 # -- exact over several steps -------------------------------------------------------------
-EXACT = {"tiles-dense": (SMALL, BLOCK, True), "tiles-moe": (SMALL_MOE, BLOCK, True),
-         "layers": (SMALL, Fp8Config(), False)}
+# name: (model, engine's config, tiles, engine loaded from an FP8 checkpoint)
+EXACT = {"tiles-dense": (SMALL, BLOCK, True, False),
+         "tiles-moe": (SMALL_MOE, BLOCK, True, False),
+         "tiles-prequantized": (SMALL, BLOCK, True, True),
+         "layers": (SMALL, Fp8Config(), False, False)}
 STEPS = 5
 
 
 def _exact_trainer(name, tmp):
-    config, quant, tiles = EXACT[name]
+    config, quant, tiles, prequantized = EXACT[name]
     trainer = load_reference_model(config, seed=1)
-    sender = DeltaSender(DeltaPush(quant, build_model(config), tiles=tiles),
-                         bucket_bytes=BUCKET_BYTES)
+    sender = DeltaSender(DeltaPush(quant, build_model(config), tiles=tiles,
+                                   prequantized=prequantized), bucket_bytes=BUCKET_BYTES)
     generator = torch.Generator().manual_seed(0)
     reports = []
     for step in range(STEPS):
@@ -100,14 +131,15 @@ def _exact_trainer(name, tmp):
 
 
 def _exact_engine(name, tmp):
-    config, quant, _ = EXACT[name]
-    model, sync = _engine(config, quant)
+    config, quant, _, prequantized = EXACT[name]
+    checkpoint = _fp8_checkpoint(config, tmp) if prequantized else None
+    model, sync = _engine(config, quant, checkpoint)
     receiver = DeltaReceiver(sync)
     where = addresses(model)
     steps = []
     for step in range(STEPS):
         report = receiver.receive()
-        expected = _full_push_of(config, quant, f"{tmp}/{name}{step}.pt")
+        expected = _full_push_of(config, quant, f"{tmp}/{name}{step}.pt", checkpoint)
         state = snapshot(model)
         steps.append({"mismatched": [n for n, t in state.items() if not same(t, expected[n])],
                       "version": (report.version, sync.version, dict(sync.layer_versions)),
@@ -174,19 +206,16 @@ def _faults_engine(tmp):
     with pytest.raises(loadfsm.PushError) as info:
         receiver.receive()
     exc = info.value
-    after = snapshot(model)
-    out["raised"] = {
-        "cause": type(exc.__cause__), "layer": exc.layer, "committed": exc.committed,
-        "uncommitted_changed": [n for n in after if n.rpartition(".")[0] not in exc.committed
-                                and not same(after[n], before[n])],
-        "holds": receiver.holds}
+    out["raised"] = {"cause": type(exc.__cause__), "layer": exc.layer,
+                     "uncommitted_changed": _changed(model, before, exc.committed),
+                     "holds": receiver.holds}
     receiver.receive()
     out["raise_wrong"] = _wrong(model, SMALL, BLOCK, f"{tmp}/faults1.pt")
     before = snapshot(model)
     with pytest.raises(loadfsm.PushError) as info:
         receiver.receive()
     out["nan"] = {"cause": type(info.value.__cause__), "layer": info.value.layer,
-                  "changed": [n for n, t in snapshot(model).items() if not same(t, before[n])]}
+                  "changed": _changed(model, before)}
     receiver.receive()
     out["nan_wrong"] = _wrong(model, SMALL, BLOCK, f"{tmp}/faults2.pt")
     return out
@@ -246,10 +275,9 @@ def _stale_engine(tmp, rank):
             before = snapshot(model)
             with pytest.raises(StaleDeltaError) as info:
                 receiver.receive()
-            out[f"refused{step}"] = {
-                "message": str(info.value), "committed": info.value.committed,
-                "changed": [n for n, t in snapshot(model).items()
-                            if not same(t, before[n])]}
+            out[f"refused{step}"] = {"message": str(info.value),
+                                     "committed": info.value.committed,
+                                     "changed": _changed(model, before)}
         receiver.receive()
         out[f"wrong{step}"] = _wrong(model, SMALL, BLOCK, f"{tmp}/stale{step}.pt")
     return out
@@ -284,7 +312,8 @@ def _spawn(worker, tmp, ranks):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Every scenario in one set of processes (spawning costs seconds): each rank's records."""
+    """Every scenario in one set of processes (spawning costs seconds); each rank's
+    records."""
     return _spawn(_worker, tmp_path_factory.mktemp("delta_transport"), RANKS)
 
 
@@ -401,11 +430,8 @@ def _dying_worker(rank, tmp):
         receiver.receive()
         out = {"raised": None}
     except loadfsm.LoadError as exc:
-        after = snapshot(model)
-        out = {"raised": type(exc), "layer": exc.layer, "committed": exc.committed,
-               "uncommitted_changed": [n for n in after
-                                       if n.rpartition(".")[0] not in exc.committed
-                                       and not same(after[n], before[n])]}
+        out = {"raised": type(exc), "layer": exc.layer,
+               "uncommitted_changed": _changed(model, before, exc.committed)}
     torch.save(out, f"{tmp}/out1.pt")
     torch.save({}, f"{tmp}/out0.pt")
     open(f"{tmp}/done1", "w").close()
