@@ -43,8 +43,8 @@ class DeltaReceiver:
     a delta can build on (before the first, after one that failed). A delta is taken
     only onto that push, with ``sync.version`` and every layer's version as it left
     them: a push from elsewhere, even one that failed after committing some layers,
-    stamps versions. Writes that bypass ``WeightSync`` are not seen: compare
-    ``layer_checksums`` with the trainer's ``expected_checksums`` for those.
+    stamps its version (give every push its own). Writes that bypass ``WeightSync``
+    are not seen: compare ``layer_checksums`` with the trainer's ``expected_checksums``.
     """
 
     def __init__(self, sync: WeightSync, group=None, src: int = 0,
