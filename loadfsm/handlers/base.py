@@ -127,4 +127,10 @@ class WeightQuantizer(Handler, abc.ABC):
         return results
 
     def live_tensors(self, rec) -> dict[str, torch.Tensor]:
-        return dict(rec.module.named_parameters(recurse=False))
+        return own_parameters(rec.module)
+
+
+def own_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s own parameters by attribute, as ``named_parameters(recurse=False)``
+    gives them, read from the registry without that generator (a push asks per layer)."""
+    return {attr: p for attr, p in module._parameters.items() if p is not None}

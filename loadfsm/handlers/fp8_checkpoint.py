@@ -23,7 +23,7 @@ from ..quant.fp8 import FP8_DTYPE, dequantize_fp8, quantize_fp8
 from ..quant.fp8_layout import INPUT_SCALE, Fp8CheckpointConfig
 from ..quant.prequantized import (PrequantizedFp8Linear, PrequantizedFp8StackedExperts,
                                   kernel_scale, scale_region, scale_slot_shape)
-from .base import Handler, Install
+from .base import Handler, Install, own_parameters
 from .registry import register_handler
 
 class PrequantizedFp8Handler(Handler, abc.ABC):
@@ -136,7 +136,7 @@ class PrequantizedFp8Handler(Handler, abc.ABC):
 
     def live_tensors(self, rec) -> dict[str, torch.Tensor]:
         if isinstance(rec.module, self.installs):
-            return dict(rec.module.named_parameters(recurse=False))
+            return own_parameters(rec.module)
         return super().live_tensors(rec)
 
 

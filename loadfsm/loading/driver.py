@@ -10,7 +10,6 @@ Lifecycle and memory bound: ARCHITECTURE.md.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import torch
@@ -267,9 +266,10 @@ class ArrivalDriver:
                 "layers_in_flight", count=len(self.in_flight), limit=self.max_in_flight,
                 layers=list(self.in_flight),
                 staging_mb=round(self.ledger.staging / 2**20, 2))
-        padded = [slot.full_name for slot in rec.slots.values() if slot.padded]
-        if padded and not self.reloading:
-            self.tracer.event("layer_padded", layer=rec.name, tensors=padded)
+        if not self.reloading:
+            padded = [slot.full_name for slot in rec.slots.values() if slot.padded]
+            if padded:
+                self.tracer.event("layer_padded", layer=rec.name, tensors=padded)
         if rec.defaulted:
             self._default(rec, rec.defaulted)
 
@@ -286,13 +286,16 @@ class ArrivalDriver:
         by_scale = FinitenessBatch.record_layer(rec, by_scale)
         src, dst = rec.fire(trigger)
         self.transition(rec, src, dst, trigger)
-        if self.warmup is not None and (self.reloading or self.warmup.done()):
-            self.warmup.wait()      # a push runs again and again: it waits for the kernels
-            self.warmup = None
-        with layer_range(rec.name, "quantize"), (
-                rec.handler.unprepared() if self.warmup is not None
-                else contextlib.nullcontext()):
-            self._quantize(rec, by_scale)
+        warmup = self.warmup
+        if warmup is not None and (self.reloading or warmup.done()):
+            warmup.wait()       # a push runs again and again: it waits for the kernels
+            self.warmup = warmup = None
+        with layer_range(rec.name, "quantize"):
+            if warmup is None:
+                self._quantize(rec, by_scale)
+            else:
+                with rec.handler.unprepared():
+                    self._quantize(rec, by_scale)
         self.on_quantized(rec)
 
     def _quantize(self, rec: LayerRecord, by_scale: dict[str, int]) -> None:
@@ -300,12 +303,16 @@ class ArrivalDriver:
         results = rec.handler.quantize(rec, self.config)
         FinitenessBatch.record_scales(rec, results, by_scale)
         staging_ids = {id(t) for t in rec.staging.values()}
+        owned = shared = 0
+        for t in results.values():
+            if id(t) in staging_ids:
+                shared += nbytes(t)
+            else:
+                owned += nbytes(t)
         if rec.aliased and self.reloading:    # the pushed tensor is the caller's, not ours
-            owned = [t for t in results.values() if id(t) not in staging_ids]
-            shared, produced = 0, sum(nbytes(t) for t in owned)
+            shared, produced = 0, owned
         else:
-            shared = sum(nbytes(t) for t in results.values() if id(t) in staging_ids)
-            produced = sum(nbytes(t) for t in results.values())
+            produced = owned + shared
         if self.reloading:
             self.ledger.add_staging(produced - shared)   # held until copied into live tensors
         else:

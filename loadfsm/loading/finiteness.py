@@ -114,8 +114,9 @@ class FinitenessBatch:
             return
         values = [v for rec in recs for _, vals, _ in rec.norms for v in vals]
         checks = [_any_bad(values)] if values else []
-        checks += [count.double().reshape(1) for rec in recs for _, *counts in rec.underflow
-                   for count in counts]
+        counts = [count for rec in recs for _, *pair in rec.underflow for count in pair]
+        if counts:
+            checks.append(torch.stack(counts).double())
         host = torch.cat(checks).tolist()
         if values and not math.isfinite(host[0]):
             for rec in recs:
@@ -186,11 +187,23 @@ def _scale_locates(rec: LayerRecord, attr: str, block: int) -> bool:
 
 def _any_bad(values: list[torch.Tensor]) -> torch.Tensor:
     """One float64 value, NaN iff any element of ``values`` is NaN or Inf (``x * 0`` is 0
-    for finite x): one concatenation and one sum per dtype."""
-    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for finite x): one concatenation and one sum per dtype. Row maxima and norms are 1-D
+    already and per-tensor scales are stacked at once: no view per value (a push has one
+    per layer)."""
+    groups: dict[torch.dtype, tuple[list, list]] = {}
     for v in values:
-        groups.setdefault(v.dtype, []).append(v.reshape(-1))
-    sums = [torch.cat(group).mul_(0).sum().double().reshape(1) for group in groups.values()]
+        flat, scalars = groups.setdefault(v.dtype, ([], []))
+        if v.dim() == 1:
+            flat.append(v)
+        elif v.dim():
+            flat.append(v.reshape(-1))
+        else:
+            scalars.append(v)
+    sums = []
+    for flat, scalars in groups.values():
+        if scalars:
+            flat.append(torch.stack(scalars))
+        sums.append(torch.cat(flat).mul_(0).sum().double().reshape(1))
     return sums[0] if len(sums) == 1 else torch.cat(sums).sum().reshape(1)
 
 
@@ -211,12 +224,14 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     """Per row (over the last dim), max|x|: finite iff the row is, exact for every dtype,
     and computed without a temporary the size of ``t`` (a float64 ``sum(dtype=...)``
     first makes a float64 copy: 4x a bf16 layer, above the memory bound on a GPU).
-    1-D and 0-D tensors keep every element. FP8 codes (a pre-quantized checkpoint's)
-    are read from their bits (``quant.prequantized.fp8_row_flags``)."""
+    1-D and 0-D tensors are their own record (every element, finite iff it is; no op,
+    which on a GPU is a launch per norm layer): the tensor is held, unchanged, until it
+    is verified. FP8 codes (a pre-quantized checkpoint's) are read from their bits
+    (``quant.prequantized.fp8_row_flags``)."""
     if is_fp8(t.dtype):
         return fp8_row_flags(t)
     if t.dim() < 2:
-        return t.abs()
+        return t
     if t.is_cuda:       # one launch, and faster than aminmax there (BENCHMARKS.md)
         return torch.linalg.vector_norm(t, ord=math.inf, dim=-1)
     # Row min and max in one pass (NaN in both, an infinity in one): 2x faster than the

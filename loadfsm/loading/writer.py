@@ -105,6 +105,7 @@ class ModelWriter:
         tensors back (the caller holds SIGINT over the commit).
         """
         live = rec.handler.live_tensors(rec)
+        pairs = []
         for attr, tensor in rec.results.items():
             target = live.get(attr)
             if target is None or target.shape != tensor.shape or target.dtype != tensor.dtype:
@@ -113,22 +114,16 @@ class ModelWriter:
                     f"tensor {None if target is None else (tuple(target.shape), target.dtype)}",
                     tensor=rec.slots[attr].full_name if attr in rec.slots else attr,
                     layer=rec.name)
-        pairs = sorted(((live[attr].data, new) for attr, new in rec.results.items()),
-                       key=lambda pair: pair[1].numel())
-        kept = [target.clone() for target, _ in pairs[:-1]]
-        kept_bytes = sum(nbytes(t) for t in kept)
-        ledger.add_staging(kept_bytes)
-        done = 0
-        try:
-            for target, new in pairs:
-                target.copy_(new)
-                done += 1
-        except BaseException:
-            for (target, _), old in zip(pairs[:done], kept):
-                target.copy_(old)
-            raise
-        finally:
-            ledger.free_staging(kept_bytes)
+            pairs.append((target, tensor))
+        if len(pairs) > 1:
+            pairs.sort(key=_new_numel)
+        # No autograd on the live parameters: the copies go into them as they are (``.data``
+        # would be one more op per tensor, and a push commits every layer).
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                _copy_in(pairs, ledger)
+        else:
+            _copy_in(pairs, ledger)
 
     def compute_buffers(self, device: torch.device) -> None:
         """Non-persistent buffers still on ``meta``, computed by their module's init."""
@@ -137,3 +132,29 @@ class ModelWriter:
             if compute is not None and any(b is not None and b.is_meta
                                            for b in module._buffers.values()):
                 compute(device)
+
+
+def _new_numel(pair: tuple[torch.Tensor, torch.Tensor]) -> int:
+    return pair[1].numel()
+
+
+def _copy_in(pairs: list[tuple[torch.Tensor, torch.Tensor]], ledger: MemoryLedger) -> None:
+    """Copy each ``(live, new)`` pair, the largest last; the live values of all but the
+    last are kept aside and put back if a copy raises."""
+    if len(pairs) == 1:                  # nothing to put back: the copy is whole or not
+        pairs[0][0].copy_(pairs[0][1])
+        return
+    kept = [target.clone() for target, _ in pairs[:-1]]
+    kept_bytes = sum(nbytes(t) for t in kept)
+    ledger.add_staging(kept_bytes)
+    done = 0
+    try:
+        for target, new in pairs:
+            target.copy_(new)
+            done += 1
+    except BaseException:
+        for (target, _), old in zip(pairs[:done], kept):
+            target.copy_(old)
+        raise
+    finally:
+        ledger.free_staging(kept_bytes)

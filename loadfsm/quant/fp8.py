@@ -28,6 +28,8 @@ _MIN_AMAX = 1e-12
 # Upper bound on the float32 temporary of one quantization chunk.
 _CHUNK_BYTES = 64 << 20
 _INF = float("inf")
+# Input dtypes a float32 multiply promotes exactly (step 3 needs no ``x.float()`` copy).
+_PROMOTED = (torch.bfloat16, torch.float16)
 # Per thread: whether ``reference_kernels`` is in force.
 _THREAD = threading.local()
 # Elements per chunk of the underflow count (see ``flushed_to_zero``).
@@ -57,13 +59,16 @@ def fp8_scales(w: torch.Tensor, config: Fp8Config) -> torch.Tensor:
     Non-finite values in ``w`` give non-finite scales. No float32 copy of ``w`` is made.
     """
     fp8_scale_shape(w.shape, config)  # validates the rank
+    return _scale_from_amax(_amax(w, config))
+
+
+def _amax(w: torch.Tensor, config: Fp8Config) -> torch.Tensor:
+    """``max |w|`` over each scale's elements, a new tensor in ``w``'s dtype."""
     if config.granularity == "tensor":
-        amax = torch.linalg.vector_norm(w, ord=_INF, dim=(-2, -1))
-    elif config.granularity == "channel":
-        amax = torch.linalg.vector_norm(w, ord=_INF, dim=-1, keepdim=True)
-    else:
-        amax = _block_amax(w, *config.block_size)
-    return _scale_from_amax(amax)
+        return torch.linalg.vector_norm(w, ord=_INF, dim=(-2, -1))
+    if config.granularity == "channel":
+        return torch.linalg.vector_norm(w, ord=_INF, dim=-1, keepdim=True)
+    return _block_amax(w, *config.block_size)
 
 
 def quantize_fp8(w: torch.Tensor, config: Fp8Config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,15 +162,24 @@ def flushed_to_zero(w: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, tor
     Triton path quantizes with no temporaries, and this check must not add a layer's worth.
     """
     w1, q1 = w.reshape(-1), q.view(torch.uint8).reshape(-1)
-    chunk = max(_COUNT_CHUNK_MIN, min(_COUNT_CHUNK_MAX, w1.numel() // 16))
-    flushed = torch.zeros((), dtype=torch.int64, device=w.device)
-    nonzero = torch.zeros((), dtype=torch.int64, device=w.device)
-    for i in range(0, w1.numel(), chunk):
-        nz = w1[i:i + chunk] != 0
-        zero = (q1[i:i + chunk] & 0x7F).eq_(0)          # +0 and -0 in e4m3fn
-        nonzero += nz.sum()
-        flushed += zero.mul_(nz).sum()
+    numel = w1.numel()
+    chunk = max(_COUNT_CHUNK_MIN, min(_COUNT_CHUNK_MAX, numel // 16))
+    flushed = nonzero = None
+    for i in range(0, numel, chunk):
+        # one chunk (a sampled weight's usual case) is counted without slicing or summing up
+        w_part, q_part = (w1, q1) if numel <= chunk else (w1[i:i + chunk], q1[i:i + chunk])
+        nz = w_part != 0
+        zero = (q_part & 0x7F).eq_(0)                   # +0 and -0 in e4m3fn
+        counts = zero.mul_(nz).sum(), nz.sum()
         del nz, zero
+        if flushed is None:
+            flushed, nonzero = counts
+        else:
+            flushed += counts[0]
+            nonzero += counts[1]
+    if flushed is None:                                 # an empty tensor
+        return (torch.zeros((), dtype=torch.int64, device=w.device),
+                torch.zeros((), dtype=torch.int64, device=w.device))
     return flushed, nonzero
 
 
@@ -186,22 +200,43 @@ def _scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     return amax / torch.full_like(amax, FP8_MAX)
 
 
+def _scaled_clamped(x: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
+    """Step 3 in float32, before the cast: ``inv_scale`` broadcasts against ``x``. A bf16 or
+    fp16 ``x`` against a scale with dims is promoted to float32 inside the multiply (exactly,
+    as ``x.float()`` would, without that copy); a 0-d scale would not promote it."""
+    if not (inv_scale.dim() and x.dtype in _PROMOTED):
+        x = x.float()
+    return torch.mul(x, inv_scale).clamp_(-FP8_MAX, FP8_MAX)
+
+
 def _quantize_with_inv(x: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
     """Step 3 for a chunk: ``inv_scale`` broadcasts against ``x``."""
-    y = x.float() * inv_scale
-    return y.clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return _scaled_clamped(x, inv_scale).to(FP8_DTYPE)
 
 
 def _quantize_reference_into(w, q_out, scale_out, config):
-    scale_out.copy_(fp8_scales(w, config))
-    inv = scale_out.reciprocal()
+    # Few ops per weight (each is a launch on a GPU, a push runs this for every layer on a
+    # CPU): the scale is divided straight into ``scale_out``, a weight under one chunk is
+    # quantized in one multiply, and the cast to FP8 is the copy into ``q_out``. No
+    # autograd (as the kernels): ``out=`` refuses an input that requires grad.
+    if w.requires_grad:
+        w = w.detach()
+    torch.div(_amax(w, config).float().clamp_min_(_MIN_AMAX), scale_out.fill_(FP8_MAX),
+              out=scale_out)
     n, k = w.shape[-2:]
+    if config.granularity != "block" and w.numel() * 4 <= _CHUNK_BYTES:
+        # the scale as [*lead, 1, 1] (per tensor) or [*lead, n, 1] (per channel)
+        rows = (scale_out.view(*scale_out.shape, 1, 1) if config.granularity == "tensor"
+                else scale_out)
+        q_out.copy_(_scaled_clamped(w, rows.reciprocal()))
+        return
+    inv = scale_out.reciprocal()
     rows_per_chunk = max(1, _CHUNK_BYTES // (4 * k))
     matrices = [(w, q_out, inv)] if w.dim() == 2 else zip(w, q_out, inv)
     for w2, q2, inv2 in matrices:
         for r0 in range(0, n, rows_per_chunk):
             r1 = min(n, r0 + rows_per_chunk)
-            q2[r0:r1].copy_(_quantize_with_inv(w2[r0:r1], _expand_scale(inv2, config, r0, r1, k)))
+            q2[r0:r1].copy_(_scaled_clamped(w2[r0:r1], _expand_scale(inv2, config, r0, r1, k)))
 
 
 def _expand_scale(scale: torch.Tensor, config: Fp8Config, r0: int, r1: int,

@@ -89,11 +89,13 @@ class ReloadTransaction:
                     # The other name of a tied tensor already fed it in this push.
                     self.session.tracer.event("tied_weight", alias=name,
                                               canonical=route.name, skipped=True)
-                elif route.param is None:                                    # R2
-                    driver.arrive_piece(rec, route.name,
-                                        tensor.detach() if tensor.requires_grad else tensor)
-                else:
-                    driver.arrive_param(rec, route.param, tensor.detach(), route.pieces)
+                else:                                                        # R2
+                    if tensor.requires_grad:
+                        tensor = tensor.detach()
+                    if route.param is None:
+                        driver.arrive_piece(rec, route.name, tensor)
+                    else:
+                        driver.arrive_param(rec, route.param, tensor, route.pieces)
                 self.received += tensor.nbytes
                 self.count += 1
                 self.current = None
