@@ -217,15 +217,11 @@ class ColocatedSender:
         storage = tensor.untyped_storage()
         mapping = self._direct.mapped(storage)
         if mapping is None:
-            if tensor.is_cuda:
-                whole = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
-                mapping = self._direct.share_as(storage)
-                share(self.conn, {"kind": "share", "direct": mapping}, whole)
-            else:
-                fd, _ = storage._share_fd_cpu_()   # moves it into shared memory, once
-                mapping = self._direct.share_as(storage)
-                share(self.conn, {"kind": "share", "direct": mapping},
-                      torch.empty(0, dtype=torch.uint8).set_(storage), fd)
+            # CPU: the storage moves into shared memory (once; the trainer keeps using it)
+            fd = None if tensor.is_cuda else storage._share_fd_cpu_()[0]
+            mapping = self._direct.share_as(storage)
+            whole = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
+            share(self.conn, {"kind": "share", "direct": mapping}, whole, fd)
         stream_sync(tensor.device)              # the trainer's writes landed
         self._lends += 1
         self._lent[self._lends] = tensor

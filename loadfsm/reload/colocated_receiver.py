@@ -121,7 +121,8 @@ class ColocatedReceiver:
                                                          "drop", "end", "abort"))
             kind = message["kind"]
             if kind in ("end", "abort", "drop"):
-                self._release(reading, wait=True)     # the trainer's next push needs them
+                # The trainer's next push needs them; nothing unmapped may still be read.
+                self._release(reading, wait=True)
             if kind == "end":
                 return
             if kind == "abort":
