@@ -3,6 +3,7 @@ FP8 tiles travel, the engines end bit for bit where full pushes put them, a faul
 uncommitted layers wholly old, and a delta onto weights it was not computed against is
 refused."""
 
+import datetime
 import os
 
 import pytest
@@ -24,6 +25,7 @@ from faults import raising_after
 from tiny_models import SMALL, SMALL_MOE
 
 RANKS = 3                        # a trainer and two engines
+HANG = datetime.timedelta(minutes=5)   # a collective waiting this long fails, not hangs
 BUCKET_BYTES = 16 << 10          # several buckets per push: the ring turns over mid-delta
 # 32x48 tiles: SMALL's rows are whole tiles, its columns end in a ragged one.
 BLOCK = Fp8Config(granularity="block", block_size=(32, 48))
@@ -286,7 +288,7 @@ def _stale_engine(tmp, rank):
 def _worker(rank, tmp):
     """Rank 0 trains and sends; ranks 1 and 2 are engines."""
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank,
-                            world_size=RANKS)
+                            world_size=RANKS, timeout=HANG)
     try:
         out = {}
         for name in EXACT:
@@ -412,7 +414,7 @@ class _Dies:
 
 def _dying_worker(rank, tmp):
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank,
-                            world_size=2)
+                            world_size=2, timeout=HANG)
     if rank == 0:
         trainer = load_reference_model(SMALL, seed=1)
         delta = DeltaPush(BLOCK, build_model(SMALL), tiles=True)
