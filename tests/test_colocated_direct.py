@@ -17,11 +17,12 @@ from loadfsm.reload.colocated import ColocatedSender, SenderDiedError
 from loadfsm.reload.colocated_direct import DirectShares
 from loadfsm.reload.colocated_receiver import ColocatedReceiver
 from checks import same, snapshot
-from test_colocated import (CUDA, _Collect, _check_died_mid_push, _engine, _fresh,
+from test_colocated import (CTX, CUDA, _Collect, _check_died_mid_push, _engine, _fresh,
                             _inside, _start)
 from tiny_models import SMALL
 
 EMBEDDING = "model.embed_tokens.weight"
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 
 # -- which storages the engine maps, and for how long ------------------------------------
@@ -121,29 +122,76 @@ def _pair(**kwargs):
     return sender, sink, receiver
 
 
+def _mixed(device="cpu"):
+    """Large tensors (contiguous, transposed, a slice at an offset, two names on one
+    storage, half precision) and a small one; ``_step`` changes them in place."""
+    base = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    flat = torch.randn(1024, generator=torch.Generator().manual_seed(1)).to(device)
+    half = torch.randn(300, generator=torch.Generator().manual_seed(2)).half().to(device)
+    return {"big": base, "transposed": base.t(), "offset": flat[100:400], "tied": base,
+            "small": torch.arange(10, dtype=torch.float32, device=device), "half": half}
+
+
+MIXED_DIRECT = {"big", "transposed", "offset", "tied", "half"}
+
+
+def _step(tensors):
+    tensors["big"].mul_(2)
+    tensors["offset"].add_(1)
+
+
+def _mixed_trainer(conn, device, steps):
+    tensors = _mixed(device)
+    sender = ColocatedSender(conn, bucket_bytes=256, direct_min_bytes=512, device=device)
+    for _ in range(steps):
+        sender(list(tensors.items()))
+        _step(tensors)
+    sender.close()
+
+
 def test_direct_and_bucketed_tensors_in_one_push_arrive_exact():
     """Large tensors (contiguous, transposed, a slice at an offset, two names on one
     storage) are read in place, small ones through buckets, in one push; every push
     bit-exact, the trainer changing its tensors in place between them."""
     sender, sink, receiver = _pair(direct_min_bytes=512)
-    base = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
-    flat = torch.randn(1024, generator=torch.Generator().manual_seed(1))
-    tensors = {"big": base, "transposed": base.t(), "offset": flat[100:400],
-               "tied": base, "small": torch.arange(10, dtype=torch.float32),
-               "half": torch.randn(300, generator=torch.Generator().manual_seed(2)).half()}
+    tensors = _mixed()
     try:
         for step in range(3):
             _push(sender, receiver, tensors)
             assert all(same(sink.got[name], t) for name, t in tensors.items()), step
-            assert sink.direct == {"big", "transposed", "offset", "tied", "half"}
+            assert sink.direct == MIXED_DIRECT
             assert not tensors["transposed"].is_contiguous()
             sink.direct.clear()
-            base.mul_(2)
-            flat.add_(1)
+            _step(tensors)
     finally:
         receiver.close()
         sender.close()
     assert receiver.direct_opened == 6      # base, flat, half: in push 1 and in push 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_push_from_a_trainer_process_arrives_exact(device):
+    """The same mixed pushes from a trainer process (CUDA IPC of its storages on a GPU),
+    each bit-exact; the storages mapped in the first two pushes only."""
+    ours, theirs = CTX.Pipe()
+    process = CTX.Process(target=_mixed_trainer, args=(theirs, device, 3))
+    process.start()
+    theirs.close()
+    sink = _Seen()
+    sink.device = torch.device(device)
+    receiver = sink.receiver = ColocatedReceiver(sink, ours, stall_warning_s=None)
+    expected, opened = _mixed(device), []
+    try:
+        for step in range(3):
+            receiver.receive()
+            assert all(same(sink.got[name], t) for name, t in expected.items()), step
+            assert sink.direct == MIXED_DIRECT
+            opened.append(receiver.direct_opened)
+            _step(expected)
+    finally:
+        receiver.close()
+        process.join(timeout=60)
+    assert opened == [3, 6, 6]
 
 
 def test_a_push_of_many_direct_tensors_does_not_fill_the_connection():
@@ -153,8 +201,11 @@ def test_a_push_of_many_direct_tensors_does_not_fill_the_connection():
     sender, sink, receiver = _pair(direct_min_bytes=64)
     flat = torch.randn(8000 * 16, generator=torch.Generator().manual_seed(0))
     tensors = {f"t{i}": flat[i * 16:(i + 1) * 16] for i in range(8000)}
+    engine = threading.Thread(target=_push, args=(sender, receiver, tensors), daemon=True)
     try:
-        _push(sender, receiver, tensors)
+        engine.start()
+        engine.join(timeout=300)                  # both sides blocked: it never ends
+        assert not engine.is_alive()
         assert len(sink.direct) == len(tensors) and receiver.direct_opened == 1
         assert all(same(sink.got[name], t) for name, t in tensors.items())
     finally:
@@ -284,8 +335,6 @@ def test_direct_min_bytes_below_one_is_refused():
 
 
 # -- a trainer process ---------------------------------------------------------------------
-
-DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
