@@ -2,7 +2,7 @@
 
     python benchmarks/colocated_bench.py [--model tiny|llama-8b-4l|llama-8b|small:N]
                                          [--device cuda] [--buckets 2] [--bucket-only]
-                                         [--direct-min-mb MB]
+                                         [--direct-min-mb MB[,MB...]]
 
 Side by side in one run, the same bf16 tensors each time:
   in_process  WeightSync.push in the engine's own process (tensors already on the device)
@@ -15,6 +15,7 @@ Side by side in one run, the same bf16 tensors each time:
   colocated_buckets, ipc_copy_buckets  (``--bucket-only``) the same with every tensor
               through a bucket (``direct_min_bytes=math.inf``, the transport before direct
               shares)
+  colocated_direct<MB>, ipc_copy_direct<MB>  each further ``--direct-min-mb`` threshold
   checksum    layer_checksums of the engine after the push (GB/s of its live bytes)
 GB/s of bf16 input (median of ``--repeat``, all alternating); ratios are what to
 compare. On one GPU both processes share device 0. ``--model small:N``: only the IPC
@@ -106,8 +107,12 @@ def _timed(fns: dict, device: torch.device, repeat: int) -> dict[str, float]:
 
 def _variants(args) -> dict[str, float]:
     """Suffix of each colocated variant -> its ``direct_min_bytes``."""
-    least = (args.bucket_mb if args.direct_min_mb is None else args.direct_min_mb) * (1 << 20)
-    return {"": max(1, int(least)), **({"_buckets": math.inf} if args.bucket_only else {})}
+    mbs = [float(mb) for mb in (args.direct_min_mb or str(args.bucket_mb)).split(",")]
+    variants = {"": max(1, int(mbs[0] * (1 << 20)))}
+    variants.update((f"_direct{mb:g}mb", max(1, int(mb * (1 << 20)))) for mb in mbs[1:])
+    if args.bucket_only:
+        variants["_buckets"] = math.inf
+    return variants
 
 
 def _start_trainer(args, variants: dict[str, float]):
@@ -209,9 +214,10 @@ def main() -> None:
     parser.add_argument("--quant", default="fp8")
     parser.add_argument("--bucket-mb", type=int, default=256)
     parser.add_argument("--buckets", type=int, default=2)
-    parser.add_argument("--direct-min-mb", type=float, default=None,
+    parser.add_argument("--direct-min-mb", default=None,
                         help="tensors of at least this many MB are read in place from the "
-                             "trainer's storage (default: --bucket-mb)")
+                             "trainer's storage (default: --bucket-mb); a comma-separated "
+                             "list times each, side by side")
     parser.add_argument("--bucket-only", action="store_true",
                         help="also time every tensor through a bucket, side by side")
     parser.add_argument("--repeat", type=int, default=5)
@@ -228,14 +234,14 @@ def main() -> None:
           f"{result['direct_min_bytes'] / (1 << 20):g} MB read in place")
     for key in ["in_process"] + [f"{kind}{suffix}" for suffix in suffixes
                                  for kind in ("colocated", "ipc_copy")]:
-        print(f"  {key:17} {result[f'{key}_s'] * 1e3:9.1f} ms  "
+        print(f"  {key:22} {result[f'{key}_s'] * 1e3:9.1f} ms  "
               f"{result[f'{key}_gbps']:8.2f} GB/s")
-    print(f"  {'checksum':17} {result['checksum_s'] * 1e3:9.1f} ms  "
+    print(f"  {'checksum':22} {result['checksum_s'] * 1e3:9.1f} ms  "
           f"{result['checksum_gbps']:8.2f} GB/s of {result['live_bytes'] / 1e9:.3f} GB live")
     for suffix in suffixes:
         print(f"  colocated{suffix} / in-process: "
               f"{result[f'colocated{suffix}_vs_in_process']:.2f}x   "
-              f"/ ipc copy{suffix}: {result[f'colocated{suffix}_vs_ipc_copy']:.2f}x")
+              f"/ ipc_copy{suffix}: {result[f'colocated{suffix}_vs_ipc_copy']:.2f}x")
 
 
 if __name__ == "__main__":
