@@ -55,6 +55,9 @@ def test_handed_over_whole_tensors_become_the_layer(tiny_dir, quant, owned):
     fused = model.get_submodule("model.layers.0.self_attn.qkv_proj")
     pieces = [source.yielded[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv"]
     assert all(fused.weight.data_ptr() != t.data_ptr() for t in pieces)   # fused: copied
+    # a handed-over piece copied into its layer is freed at once, a kept one is not
+    assert all((t.untyped_storage().nbytes() == 0) is owned for t in pieces)
+    assert source.yielded["model.norm.weight"].untyped_storage().nbytes() > 0
     expected = reference.state_dict()
     for name, tensor in model.state_dict().items():
         other = expected[name]

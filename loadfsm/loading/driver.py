@@ -110,6 +110,10 @@ class ArrivalDriver:
             if not layout.locatable:
                 FinitenessBatch.record_norm(rec, (name,), view)
             del view
+            if self.owned_arrivals and tensor.device == self.device:
+                # Handed over and copied: its memory goes back now, not after the layer
+                # quantizes (the caller holds the tensor object until arrive returns).
+                tensor.untyped_storage().resize_(0)
         if layout.locatable:
             rec.arrived.append(name)
         rec.missing.discard(name)
