@@ -311,10 +311,11 @@ class ColocatedSender:
             self._busy.discard(message["index"])
 
     def close(self) -> None:
-        """Free the buckets (an engine still mapping one, or a directly shared storage,
-        keeps it until it closes)."""
+        """Free the buckets and let go of the tensors lent (an engine still mapping a
+        bucket or a trainer storage keeps it until it closes)."""
         self._layouts.clear()
         self._direct.clear()
+        self._lent.clear()
         for bucket in self._buckets:
             if bucket is not None:
                 bucket.close()
