@@ -79,7 +79,7 @@ class ModelWriter:
     def set_tensor(self, full_name: str, value: torch.Tensor, is_buffer: bool) -> None:
         """Set the parameter (or buffer) called ``full_name`` in the model to ``value``."""
         owner, _, name = full_name.rpartition(".")
-        module = self.model.get_submodule(owner) if owner else self.model
+        module = _submodule(self.model, owner) if owner else self.model
         if is_buffer:
             module._buffers[name] = value
         elif isinstance(value, nn.Parameter):
@@ -91,7 +91,7 @@ class ModelWriter:
         """Swap a layer's module for its kernel form, under every name it is registered at."""
         for name in rec.names or [rec.name]:
             parent_name, _, child = name.rpartition(".")
-            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            parent = _submodule(self.model, parent_name) if parent_name else self.model
             setattr(parent, child, new)
         rec.module = new
 
@@ -158,3 +158,15 @@ def _copy_in(pairs: list[tuple[torch.Tensor, torch.Tensor]], ledger: MemoryLedge
         raise
     finally:
         ledger.free_staging(kept_bytes)
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module:
+    """``model.get_submodule(path)`` through the children's registries (``get_submodule``
+    makes a ``getattr`` and a ``hasattr`` per level; an install does this per layer)."""
+    module = model
+    for part in path.split("."):
+        child = module._modules.get(part)
+        if child is None:                  # not a registered child: as torch finds it
+            return model.get_submodule(path)
+        module = child
+    return module
