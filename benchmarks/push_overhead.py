@@ -9,7 +9,8 @@ Python. This proxy makes that cost the whole cost: a Llama with many layers of t
 shapes (hidden 64), on the CPU, so a kernel's arithmetic is nothing next to its dispatch.
 Per layer touched (a linear, a norm, the embedding) it reports:
   us          wall time of ``WeightSync.push`` (median of ``--pushes``) per layer
-  torch_us    of which inside torch calls (timed at each call from Python)
+  torch_us    of which inside torch calls (timed at each call from Python, by a profile
+              hook whose own cost lands here too: an upper bound)
   python_us   the rest: loadfsm's own Python (and the interpreter's)
   ops         aten ops dispatched (``TorchDispatchMode``): on CUDA each that is not a
               view is a kernel launch or an allocation; deterministic, not a timing
@@ -106,6 +107,8 @@ def _count_calls(run) -> int:
 
 def _torch_seconds(run) -> float:
     """Seconds spent inside torch's C functions called from Python during ``run``."""
+    import torch
+
     spent, started = 0.0, []
     clock = time.perf_counter
 
@@ -113,8 +116,8 @@ def _torch_seconds(run) -> float:
         nonlocal spent
         if event == "c_call":
             module = getattr(arg, "__module__", None) or ""
-            owner = type(getattr(arg, "__self__", None)).__name__
-            started.append(clock() if module.startswith("torch") or "Tensor" in owner
+            started.append(clock() if module.startswith("torch")
+                           or isinstance(getattr(arg, "__self__", None), torch.Tensor)
                            else None)
         elif event in ("c_return", "c_exception") and started:
             t0 = started.pop()
