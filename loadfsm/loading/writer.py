@@ -20,6 +20,7 @@ from ..layer import LayerRecord
 from ..ledger import MemoryLedger, nbytes
 
 _BUFFER_INITS: dict[type, Callable[[nn.Module, torch.device], None]] = {}
+_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 def register_buffer_init(cls: type[nn.Module]):
@@ -114,11 +115,9 @@ class ModelWriter:
                     f"tensor {None if target is None else (tuple(target.shape), target.dtype)}",
                     tensor=rec.slots[attr].full_name if attr in rec.slots else attr,
                     layer=rec.name)
-            pairs.append((target, tensor))
+            pairs.append((_writable(target), tensor))
         if len(pairs) > 1:
             pairs.sort(key=_new_numel)
-        # No autograd on the live parameters: the copies go into them as they are (``.data``
-        # would be one more op per tensor, and a push commits every layer).
         if torch.is_grad_enabled():
             with torch.no_grad():
                 _copy_in(pairs, ledger)
@@ -132,6 +131,16 @@ class ModelWriter:
             if compute is not None and any(b is not None and b.is_meta
                                            for b in module._buffers.values()):
                 compute(device)
+
+
+def _writable(live: torch.Tensor) -> torch.Tensor:
+    """What the commit copies into: a plain tensor or parameter itself, with autograd off
+    (``.data`` would be one more op per tensor, and a push commits every layer); the
+    ``.data`` of an inference tensor (made under ``torch.inference_mode``: in place only
+    through it) or of a tensor subclass (its own ``copy_`` left out, as before)."""
+    if type(live) in _PLAIN and not live.is_inference():
+        return live
+    return live.data
 
 
 def _new_numel(pair: tuple[torch.Tensor, torch.Tensor]) -> int:
