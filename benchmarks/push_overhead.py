@@ -1,6 +1,7 @@
 """Host cost per layer of a push (and of a load): Python microseconds and torch ops.
 
-    python benchmarks/push_overhead.py [--layers 32] [--quant fp8] [--base /tmp/base] [--json]
+    python benchmarks/push_overhead.py [--layers 32] [--quant fp8] [--base /tmp/base]
+                                       [--device cuda] [--json]
     git archive <commit> loadfsm | tar -x -C /tmp/base     # a tree to compare against
 
 On an H200 an in-process push of Llama-8B shapes is bound by the host: every torch op
@@ -19,9 +20,11 @@ Per layer touched (a linear, a norm, the embedding) it reports:
               staging), finite (finiteness), quantize (quant, handlers), commit (writer),
               other (planning, buffers, the model's own code)
 ``load`` rows are the same for ``loadfsm.load`` of the same tensors from an iterator.
-On the CPU, FP8 quantizes on the torch reference (several ops per weight); on CUDA on
-the fused Triton kernels (two launches per weight). ``--base`` runs the same worker on
-another source tree in its own process, alternating with this one (``compare_trees.py``).
+On the CPU, FP8 quantizes on the torch reference (several ops per weight); with
+``--device cuda`` on the fused Triton kernels (two launches per weight, their Python in
+``python_us``), and every op is a real launch: the same proxy where it costs most.
+``--base`` runs the same worker on another source tree in its own process, alternating
+with this one (``compare_trees.py``).
 """
 
 from __future__ import annotations
@@ -132,19 +135,23 @@ def _torch_seconds(run) -> float:
     return spent
 
 
-def worker(what: str, layers: int, quant: str, pushes: int) -> dict:
+def worker(what: str, layers: int, quant: str, pushes: int, device: str = "cpu") -> dict:
     """Figures of one workload in this process (the tree on ``sys.path``)."""
     import torch
+
+    def settled():                 # on a GPU: what the host queued has run
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     import loadfsm
     testing = _testing()
     torch.manual_seed(0)
     config = _config(layers)
-    tensors = list(testing.reference_state_dict(config, 1).items())
+    tensors = [(n, t.to(device)) for n, t in testing.reference_state_dict(config, 1).items()]
     if what == "push":
         model = testing.build_model(config)
         loadfsm.load(model, list(testing.reference_state_dict(config, 0).items()),
-                     quant=quant, device="cpu")
+                     quant=quant, device=device)
         sync = loadfsm.WeightSync(model)
         touched = len({sync._routes.resolve(name, t.shape).rec.name for name, t in tensors})
 
@@ -155,13 +162,13 @@ def worker(what: str, layers: int, quant: str, pushes: int) -> dict:
             sync.push(tensors)
     else:
         touched = len(loadfsm.LoadSession(testing.build_model(config), quant=quant,
-                                          device="cpu").plan.layers)
+                                          device=device).plan.layers)
 
         def prepare():                  # a fresh model on ``meta``, built outside the count
             return testing.build_model(config)
 
         def run(model):
-            loadfsm.load(model, tensors, quant=quant, device="cpu")
+            loadfsm.load(model, tensors, quant=quant, device=device)
 
     def measured(measure):
         target = prepare()
@@ -172,8 +179,10 @@ def worker(what: str, layers: int, quant: str, pushes: int) -> dict:
     times = []
     for _ in range(pushes):
         target = prepare()
+        settled()
         t0 = time.perf_counter_ns()
         run(target)
+        settled()
         times.append(time.perf_counter_ns() - t0)
     torch_us = statistics.median(measured(_torch_seconds) for _ in range(3)) * 1e6 / touched
     ops = measured(_count_ops)
@@ -189,7 +198,7 @@ def worker(what: str, layers: int, quant: str, pushes: int) -> dict:
 def _run(tree: Path, what: str, args) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree.resolve()), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", what,
-                          str(args.layers), args.quant, str(args.pushes)],
+                          str(args.layers), args.quant, str(args.pushes), args.device],
                          env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
     if out.returncode:
         raise RuntimeError(f"{tree} {what} failed:\n{out.stderr[-2000:]}")
@@ -201,6 +210,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--layers", type=int, default=32, help="decoder layers of the model")
     parser.add_argument("--quant", default="fp8")
     parser.add_argument("--pushes", type=int, default=30, help="timed runs per round")
+    parser.add_argument("--device", default="cpu", help="cuda: the launches themselves")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--base", type=Path, help="a loadfsm source tree to compare with")
     parser.add_argument("--json", action="store_true")
@@ -233,6 +243,7 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        print(json.dumps(worker(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))))
+        print(json.dumps(worker(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]),
+                                sys.argv[6])))
     else:
         main()
