@@ -9,7 +9,9 @@ layers, so what a push or a load pays once (embeddings, the lock, the read-back 
 verification) is not in it.
 """
 
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +19,9 @@ import loadfsm
 from loadfsm.testing import build_model, reference_state_dict
 from op_count import torch_ops
 from tiny_models import SMALL
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import push_overhead  # noqa: E402
 
 # Per decoder layer (fused qkv from 3 pieces, o_proj, fused gate_up from 2, down_proj,
 # 2 norms), on the CPU. Lower them when a change saves ops; never raise them silently.
@@ -70,3 +75,16 @@ def test_load_ops_per_decoder_layer_stay_under_the_ceiling():
         return _ops(lambda: loadfsm.load(model, weights, quant="fp8", device="cpu"))
 
     assert _per_decoder_layer(ops_of) <= LOAD_CEILING
+
+
+def test_the_benchmark_counts_the_ops_counted_here():
+    """``benchmarks/push_overhead.py`` reports, per layer of the same model, the ops a
+    push dispatches here, split by phase."""
+    result = push_overhead.worker("push", SMALL.num_layers, "fp8", 1)
+    model = build_model(SMALL)
+    loadfsm.load(model, reference_state_dict(SMALL, 0).items(), quant="fp8", device="cpu")
+    sync = loadfsm.WeightSync(model)
+    weights = list(reference_state_dict(SMALL, 1).items())
+    sync.push(weights)
+    assert round(result["ops"] * result["layers"]) == _ops(lambda: sync.push(weights))
+    assert sum(result["ops_by"].values()) == pytest.approx(result["ops"])
