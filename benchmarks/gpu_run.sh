@@ -10,10 +10,12 @@ new() { env PYTHONPATH=/tmp/site:$F "$@"; }
 new timeout 300 python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/test_fp8_cuda.py \
     tests/test_load_cuda.py tests/test_sync_cuda.py tests/test_int8_cuda.py \
     tests/test_prequantized_cuda.py tests/test_finiteness_memory.py \
-    tests/test_fp8_block_forward_cuda.py tests/test_warmup.py 2>&1 | tail -5 | tee "$O/tests.txt"
+    tests/test_fp8_block_forward_cuda.py tests/test_warmup.py tests/test_owned_arrivals.py \
+    tests/test_borrowed_push.py tests/test_commit_writes.py tests/test_hf.py 2>&1 | tail -5 \
+    | tee "$O/tests.txt"
 new timeout 150 python3 -m pytest -q -p no:cacheprovider -p no:warnings -k cuda \
-    tests/test_colocated.py tests/test_weight_versions.py tests/test_delta_push.py 2>&1 \
-    | tail -3 | tee -a "$O/tests.txt"
+    tests/test_colocated.py tests/test_colocated_direct.py tests/test_weight_versions.py \
+    tests/test_delta_push.py 2>&1 | tail -3 | tee -a "$O/tests.txt"
 # From /tmp: `python -m` puts the current folder first on sys.path, ahead of PYTHONPATH.
 cd /tmp
 new python3 -c "from loadfsm.testing import write_checkpoint; write_checkpoint('llama-8b', '/tmp/ck', max_shard_bytes=1 << 30)"
@@ -27,11 +29,16 @@ for side in new base; do
       --json | sed "s/^{/{\"side\": \"$side\", /" | tee -a "$O/sync.jsonl"
 done
 new timeout 60 python3 $F/benchmarks/read_paths.py --dir /tmp/ck --repeat 2 | tee "$O/read_paths.txt"
+# The load's rows against their anchors; --cold drops the page cache (root on the H200).
+new timeout 200 python3 $F/benchmarks/load_anchors.py --dir /tmp/ck --device cuda --repeat 2 \
+    --cold | tee "$O/anchors.txt"
+new timeout 60 python3 $F/benchmarks/push_profile.py | tee "$O/push_profile.txt"
+new timeout 60 python3 $F/benchmarks/forward_host.py | tee "$O/forward_host.txt"
 new timeout 90 python3 $F/benchmarks/forward_bench.py | tee "$O/forward.txt"
 new timeout 150 python3 $F/benchmarks/prequant_bench.py --model llama-8b-4l --device cuda \
     --granularity block --repeat 3 --dir /tmp/pq --json | tail -1 | tee "$O/prequant.jsonl"
 new timeout 120 python3 $F/benchmarks/colocated_bench.py --model llama-8b-4l --device cuda \
-    --repeat 3 --json | tail -1 | tee "$O/colocated.jsonl"
+    --repeat 3 --bucket-only --direct-min-mb 256,16 --json | tail -1 | tee "$O/colocated.jsonl"
 new timeout 100 python3 $F/benchmarks/push_names_bench.py --device cuda --repeat 3 --json | tail -1 \
     | tee "$O/push_names.jsonl"
 for mode in layers tiles; do
