@@ -55,8 +55,7 @@ def quantize_into(w: torch.Tensor, q_out: torch.Tensor, scale_out: torch.Tensor,
     """Quantize ``w`` ([N, K] or [E, N, K], contiguous) into ``q_out`` and ``scale_out``."""
     n, k = w.shape[-2:]
     experts = w.shape[0] if w.dim() == 3 else 1
-    # Triton launches on the current device, which need not be the tensor's.
-    with torch.cuda.device(w.device):
+    with _on_device_of(w):
         if config.granularity == "tensor":
             _quantize_tensor(w, q_out, scale_out, experts, n * k)
         elif config.granularity == "channel":
@@ -75,9 +74,7 @@ def quantize_groups_into(x: torch.Tensor, q_out: torch.Tensor, scale_t_out: torc
     m, k = x.shape
     block_m = min(_GROUP_ROWS, triton.next_power_of_2(m))
     grid = (triton.cdiv(m, block_m), k // group)
-    # Triton launches on the current device: switched only when it is another one.
-    with (contextlib.nullcontext() if x.device.index == torch.cuda.current_device()
-          else torch.cuda.device(x.device)):
+    with _on_device_of(x):
         _quantize_groups_kernel[grid](x, q_out, scale_t_out, m, k, scale_t_out.stride(0),
                                       FP8_MAX=FP8_MAX, MIN_AMAX=_MIN_AMAX, BLOCK_M=block_m,
                                       GROUP=group, num_warps=4)
@@ -86,9 +83,16 @@ def quantize_groups_into(x: torch.Tensor, q_out: torch.Tensor, scale_t_out: torc
 def quantize_rows_into(x: torch.Tensor, q_out: torch.Tensor, scale_out: torch.Tensor) -> None:
     """``quantize_into`` per channel for activations ``x [M, K]`` (contiguous, like the
     outputs) on the current device, without its checks: a forward's per-token scales."""
-    with (contextlib.nullcontext() if x.device.index == torch.cuda.current_device()
-          else torch.cuda.device(x.device)):
+    with _on_device_of(x):
         _quantize_channel(x, q_out, scale_out, x.shape[0], x.shape[1])
+
+
+def _on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current device, which need not be the tensor's: switched
+    only when it is another one (the switch costs more host time than some kernels)."""
+    if t.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 def _quantize_tensor(w, q_out, scale_out, experts, numel):
