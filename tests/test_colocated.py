@@ -343,7 +343,11 @@ def test_killed_trainer_leaves_uncommitted_layers_old(tmp_path, keep_their_end):
     """A trainer killed mid-push: layers it had committed are new, the rest wholly old; the
     engine raises SenderDiedError, then takes a new trainer's push."""
     model, sync = _engine(SMALL, commit_bytes=1)     # each layer commits once verified
-    process, conn = _start(SMALL, tmp_path, 1, tail="die", keep_their_end=keep_their_end)
+    # Every tensor through buckets: the engine can still read what the trainer sent before
+    # it died. A tensor read in place needs the trainer alive (the death before the first
+    # read, in place, is test_colocated_direct's).
+    process, conn = _start(SMALL, tmp_path, 1, tail="die", keep_their_end=keep_their_end,
+                           direct_min_bytes=math.inf)
     receiver = ColocatedReceiver(sync, conn)
     try:
         receiver.receive()
