@@ -90,14 +90,21 @@ def quantize_fp8_into(w: torch.Tensor, q_out: torch.Tensor, scale_out: torch.Ten
         ValueError: if ``q_out`` / ``scale_out`` do not have the shape and dtype ``w`` needs.
     """
     _check_outputs(w, q_out, scale_out, config)
-    if w.is_cuda and not getattr(_THREAD, "reference", False):
-        from loadfsm.quant import triton_fp8  # lazy: Triton exists only next to CUDA
-
-        if triton_fp8.triton_available(w.device) and triton_fp8.supports(w, q_out, scale_out,
-                                                                         config):
-            triton_fp8.quantize_into(w, q_out, scale_out, config)
-            return
+    kernels = None if getattr(_THREAD, "reference", False) else cuda_kernels(w)
+    if kernels is not None and kernels.supports(w, q_out, scale_out, config):
+        kernels.quantize_into(w, q_out, scale_out, config)
+        return
     _quantize_reference_into(w, q_out, scale_out, config)
+
+
+def cuda_kernels(t: torch.Tensor):
+    """The fused kernels' module (``triton_fp8``) where they run on ``t``'s device, else
+    ``None``; imported at first use, since Triton exists only next to CUDA."""
+    if not t.is_cuda:
+        return None
+    from loadfsm.quant import triton_fp8
+
+    return triton_fp8 if triton_fp8.triton_available(t.device) else None
 
 
 def warm_fp8_kernels(config: Fp8Config, device: torch.device) -> None:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from loadfsm.quant.config import Fp8Config
-from loadfsm.quant.fp8 import FP8_DTYPE, quantize_fp8_into
+from loadfsm.quant.fp8 import FP8_DTYPE, cuda_kernels, quantize_fp8_into
 
 GROUP = 128  # the only activation group and weight tile edge the recipe has
 _ROWS = Fp8Config(granularity="channel")
@@ -84,11 +84,10 @@ def quantize_activation_groups(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     a = torch.empty(padded, k, dtype=FP8_DTYPE, device=x2.device)
     scale_t = torch.empty(k // GROUP, padded, dtype=torch.float32, device=x2.device)
     x2 = x2.contiguous()
-    if x2.is_cuda:
-        from loadfsm.quant import triton_fp8  # lazy: Triton exists only next to CUDA
-        if triton_fp8.triton_available(x2.device):
-            triton_fp8.quantize_groups_into(x2, a, scale_t, GROUP)    # one launch
-            return a, scale_t.t()
+    kernels = cuda_kernels(x2)
+    if kernels is not None:
+        kernels.quantize_groups_into(x2, a, scale_t, GROUP)    # one launch
+        return a, scale_t.t()
     rows = torch.empty(m * k // GROUP, 1, dtype=torch.float32, device=x2.device)
     quantize_fp8_into(x2.view(-1, GROUP), a[:m].view(-1, GROUP), rows, _ROWS)
     scale_t.t()[:m].copy_(rows.view(m, k // GROUP))

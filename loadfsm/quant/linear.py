@@ -19,7 +19,8 @@ from torch import nn
 from loadfsm.quant.config import Fp8Config
 from loadfsm.quant.quantized_linear import QuantizedLinear, QuantizedStackedExperts
 from loadfsm.quant.fp8 import (FP8_DTYPE, _quantize_with_inv, _scale_from_amax,
-                               dequantize_fp8, fp8_scale_shape, quantize_fp8)
+                               cuda_kernels, dequantize_fp8, fp8_scale_shape,
+                               quantize_fp8)
 from loadfsm.quant.fp8_block_mm import (block_scaled_mm, block_scaled_mm_fits,
                                         block_scaled_mm_runs)
 
@@ -204,14 +205,13 @@ def rowwise_scaled_mm(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
 def _quantize_tokens(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token FP8 activations: on CUDA one Triton launch with no checks between (a
     forward's host time is most of its cost at prefill sizes), else ``quantize_fp8``."""
-    if x2.is_cuda:
-        from loadfsm.quant import triton_fp8  # lazy: Triton exists only next to CUDA
-        if triton_fp8.triton_available(x2.device):
-            xq = torch.empty(x2.shape, dtype=FP8_DTYPE, device=x2.device)
-            x_scale = torch.empty(x2.shape[0], 1, dtype=torch.float32, device=x2.device)
-            triton_fp8.quantize_rows_into(x2, xq, x_scale)
-            return xq, x_scale
-    return quantize_fp8(x2, _ROWS)
+    kernels = cuda_kernels(x2)
+    if kernels is None:
+        return quantize_fp8(x2, _ROWS)
+    xq = torch.empty(x2.shape, dtype=FP8_DTYPE, device=x2.device)
+    x_scale = torch.empty(x2.shape[0], 1, dtype=torch.float32, device=x2.device)
+    kernels.quantize_rows_into(x2, xq, x_scale)
+    return xq, x_scale
 
 
 def dequantized_matmul(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
