@@ -151,16 +151,21 @@ def run_small(args) -> dict:
         timings = _timed({f"ipc_copy{suffix}": (lambda i=i: _pushed(control, receivers, i, sink))
                           for i, suffix in enumerate(variants)}, device, args.repeat)
     finally:
-        control.send(None)
-        trainer.join(timeout=120)
-        for receiver in receivers:
-            receiver.close()
+        _stop_trainer(trainer, control, receivers)
     result = {"model": args.model, "device": str(device), "bucket_mb": args.bucket_mb,
               "buckets": args.buckets, "direct_min_bytes": variants[""]}
     for key, seconds in timings.items():
         result[f"{key}_s"] = round(seconds, 6)
         result[f"{key}_us_per_tensor"] = round(seconds / len(tensors) * 1e6, 2)
     return result
+
+
+def _stop_trainer(trainer, control, receivers) -> None:
+    """Tell the trainer process to exit, wait for it, close the engine's receivers."""
+    control.send(None)
+    trainer.join(timeout=120)
+    for receiver in receivers:
+        receiver.close()
 
 
 def run(args) -> dict:
@@ -185,10 +190,7 @@ def run(args) -> dict:
         checksum_s = _timed({"checksum": lambda: layer_checksums(sync)}, device,
                             args.repeat)["checksum"]
     finally:
-        control.send(None)
-        trainer.join(timeout=120)
-        for receiver in receivers:
-            receiver.close()
+        _stop_trainer(trainer, control, receivers)
     result = {"model": args.model, "device": str(device), "quant": args.quant,
               "bytes": nbytes, "bucket_mb": args.bucket_mb, "buckets": args.buckets,
               "direct_min_bytes": variants[""],

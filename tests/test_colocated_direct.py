@@ -12,7 +12,6 @@ import torch
 from multiprocessing.reduction import recv_handle
 from structlog.testing import capture_logs
 
-import loadfsm
 from loadfsm.reload.colocated import ColocatedSender, SenderDiedError
 from loadfsm.reload.colocated_direct import DirectShares
 from loadfsm.reload.colocated_receiver import ColocatedReceiver
@@ -40,15 +39,21 @@ def test_a_storage_is_mapped_for_good_only_once_pushed_twice_in_a_row():
     assert shares.end() == []
 
 
+def _mapped_for_good(shares, storage):
+    """Two pushes in a row that read ``storage``: its mapping, now kept between pushes."""
+    for _ in range(2):
+        shares.begin()
+        if shares.mapped(storage) is None:
+            mapping = shares.share_as(storage)
+        shares.end()
+    return mapping
+
+
 def test_a_storage_not_pushed_is_dropped_at_the_pushs_end():
     """A mapped storage that a push does not read is let go at that push's end."""
     shares, kept, other = (DirectShares(), torch.zeros(4).untyped_storage(),
                            torch.zeros(4).untyped_storage())
-    for _ in range(2):
-        shares.begin()
-        shares.mapped(kept)
-        mapping = shares.share_as(kept)
-        shares.end()
+    mapping = _mapped_for_good(shares, kept)
     shares.begin()
     shares.mapped(other)
     shares.share_as(other)
@@ -60,11 +65,7 @@ def test_a_storage_not_pushed_is_dropped_at_the_pushs_end():
 def test_a_freed_storage_is_dropped_when_the_next_push_begins():
     """The trainer freed a mapped storage: the next push begins by letting it go."""
     shares, tensor = DirectShares(), torch.zeros(4)
-    for _ in range(2):
-        shares.begin()
-        if shares.mapped(tensor.untyped_storage()) is None:
-            mapping = shares.share_as(tensor.untyped_storage())
-        shares.end()
+    mapping = _mapped_for_good(shares, tensor.untyped_storage())
     del tensor
     gc.collect()
     assert shares.begin() == [mapping]
@@ -73,11 +74,7 @@ def test_a_freed_storage_is_dropped_when_the_next_push_begins():
 def test_a_new_storage_at_a_freed_ones_address_is_not_taken_for_it():
     """Same address, another storage object: shared anew, the old mapping dropped."""
     shares, old = DirectShares(), torch.zeros(4).untyped_storage()
-    for _ in range(2):
-        shares.begin()
-        shares.mapped(old)
-        mapping = shares.share_as(old)
-        shares.end()
+    mapping = _mapped_for_good(shares, old)
     shares.begin()
     stale = shares._held.pop(old.data_ptr())
     new = torch.zeros(4).untyped_storage()
